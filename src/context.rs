@@ -1,0 +1,175 @@
+//! The request context every operation takes: request id, trace id, cancellation, deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Origin, Stop};
+
+/// The context of one request, passed by reference to every operation.
+///
+/// It carries the request id (written into the `trace_id` header of published messages), the
+/// trace id (the id a handler's logs carry), a cancellation token and an optional deadline.
+/// Operations stop as soon as the context is cancelled or its deadline passes, and their
+/// error says which of the two stopped them.
+///
+/// Cloning is cheap; clones share the cancellation token.
+#[derive(Debug, Clone)]
+pub struct Context {
+    request_id: String,
+    trace_id: String,
+    cancel: CancellationToken,
+    deadline: Option<Instant>,
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        Context::new()
+    }
+}
+
+impl Context {
+    /// A context with a fresh request id, used as its trace id too, no deadline.
+    pub fn new() -> Self {
+        let id = new_id();
+        Context {
+            request_id: id.clone(),
+            trace_id: id,
+            cancel: CancellationToken::new(),
+            deadline: None,
+        }
+    }
+
+    /// A context that continues the request `id`: both its request id and trace id are `id`.
+    pub fn from_request_id(id: impl Into<String>) -> Self {
+        let id = id.into();
+        Context {
+            request_id: id.clone(),
+            trace_id: id,
+            cancel: CancellationToken::new(),
+            deadline: None,
+        }
+    }
+
+    /// This context with another trace id.
+    pub fn with_trace_id(mut self, trace_id: impl Into<String>) -> Self {
+        self.trace_id = trace_id.into();
+        self
+    }
+
+    /// This context with a deadline `timeout` from now, or the current deadline if it is earlier.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        self.with_deadline(Instant::now() + timeout)
+    }
+
+    /// This context with the deadline `deadline`, or the current deadline if it is earlier.
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(match self.deadline {
+            Some(current) => current.min(deadline),
+            None => deadline,
+        });
+        self
+    }
+
+    /// A context with the same ids and deadline whose cancellation does not reach this one.
+    ///
+    /// Cancelling this context cancels the child too.
+    pub fn child(&self) -> Self {
+        Context {
+            cancel: self.cancel.child_token(),
+            ..self.clone()
+        }
+    }
+
+    /// The request id.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The trace id.
+    pub fn trace_id(&self) -> &str {
+        &self.trace_id
+    }
+
+    /// The deadline, if there is one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The time left before the deadline; `None` without a deadline.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// Cancels this context, its clones and its children.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// The cancellation token, for code that selects on it directly.
+    pub fn cancellation_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Why the context has stopped, or `None` while it is still live.
+    pub fn stopped(&self) -> Option<Stop> {
+        if self.cancel.is_cancelled() {
+            Some(Stop::Cancelled)
+        } else if self
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+        {
+            Some(Stop::DeadlineExceeded)
+        } else {
+            None
+        }
+    }
+
+    /// Waits until the context is cancelled or its deadline passes, and says which.
+    pub async fn done(&self) -> Stop {
+        match self.deadline {
+            Some(deadline) => tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => Stop::Cancelled,
+                _ = tokio::time::sleep_until(deadline) => Stop::DeadlineExceeded,
+            },
+            None => {
+                self.cancel.cancelled().await;
+                Stop::Cancelled
+            }
+        }
+    }
+
+    /// Fails with the stop reason at `origin` if the context has already stopped.
+    pub fn check(&self, origin: impl FnOnce() -> Origin) -> Result<(), Error> {
+        match self.stopped() {
+            Some(stop) => Err(Error::stopped(stop, origin())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `operation` until it finishes or the context stops it.
+    ///
+    /// A context that has already stopped does not start the operation at all.
+    pub async fn run<T, F>(&self, origin: impl FnOnce() -> Origin, operation: F) -> Result<T, Error>
+    where
+        F: Future<Output = Result<T, Error>>,
+    {
+        if let Some(stop) = self.stopped() {
+            return Err(Error::stopped(stop, origin()));
+        }
+        tokio::select! {
+            biased;
+            stop = self.done() => Err(Error::stopped(stop, origin())),
+            result = operation => result,
+        }
+    }
+}
+
+/// A new unique, time-ordered id (UUID v7) as text.
+pub(crate) fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
