@@ -31,7 +31,10 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-pub use drivers::{ExchangeKind, KafkaConfig, MemoryConfig, NatsConfig, NatsMode, RabbitMqConfig};
+pub use drivers::{
+    Assignor, ExchangeKind, KafkaCompression, KafkaConfig, MemoryConfig, NatsConfig, NatsMode,
+    RabbitMqConfig, StartOffset,
+};
 pub use secret::{Secret, SecretUrl};
 
 /// The configuration of every named connection.
@@ -159,6 +162,7 @@ enum ValueKind {
     Text,
     Integer,
     Float,
+    Boolean,
     List,
 }
 
