@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,11 +27,20 @@ const TOPIC: &str = "demo.events";
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %error, "the demo failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_ansi(std::io::stdout().is_terminal())
         .init();
@@ -84,15 +94,19 @@ async fn subscribe(
 ) -> Result<Subscription, broker::Error> {
     let provider = manager.get(name)?;
     provider
-        .subscribe_fn(&Context::new(), TOPIC, move |_ctx: Context, message: Message| {
-            let counter = Arc::clone(&counter);
-            async move {
-                // The span around this handler carries trace_id, connection, driver and topic.
-                tracing::info!(body = %String::from_utf8_lossy(&message.body), "received");
-                counter.received.fetch_add(1, Ordering::SeqCst);
-                Ok::<(), broker::Error>(())
-            }
-        })
+        .subscribe_fn(
+            &Context::new(),
+            TOPIC,
+            move |_ctx: Context, message: Message| {
+                let counter = Arc::clone(&counter);
+                async move {
+                    // The span around this handler carries trace_id, connection, driver and topic.
+                    tracing::info!(body = %String::from_utf8_lossy(&message.body), "received");
+                    counter.received.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), broker::Error>(())
+                }
+            },
+        )
         .await
 }
 
