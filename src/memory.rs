@@ -99,12 +99,8 @@ impl MemoryProvider {
     }
 
     fn check_open(&self, operation: Operation, target: &str) -> Result<()> {
-        if self.subscriptions.is_closing() {
-            return Err(Error::Closed {
-                origin: self.origin(operation, target),
-            });
-        }
-        Ok(())
+        self.subscriptions
+            .check_open(|| self.origin(operation, target))
     }
 }
 
