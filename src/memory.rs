@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MemoryConfig;
 use crate::context::{Context, new_id};
-use crate::error::{Error, Operation, Origin, Result};
+use crate::error::{Operation, Origin, Result};
 use crate::handler::{Dispatcher, Handler, Outcome, Source};
 use crate::message::Message;
 use crate::propagation;
