@@ -8,7 +8,8 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use rskafka::client::error::{Error as ClientError, ProtocolError};
 use rskafka::client::partition::{OffsetAt, PartitionClient};
-use tokio::sync::Mutex;
+use rskafka::record::RecordAndOffset;
+use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::group::{GroupError, Member};
@@ -283,7 +284,8 @@ async fn heartbeat(member: Arc<Mutex<Member>>, interval: Duration, generation: C
 }
 
 /// Reads one partition in order until `stop` fires, handling each record and committing the
-/// offsets of handled records after each fetched batch.
+/// offsets of handled records after each fetched batch. The next batch is fetched while the
+/// current one is handled, so at most two batches of the partition are in memory.
 #[allow(clippy::too_many_arguments)]
 async fn read_partition(
     shared: Arc<Shared>,
@@ -296,9 +298,91 @@ async fn read_partition(
     stop: CancellationToken,
 ) {
     let partition = client.partition();
+    let (batches, mut fetched) = mpsc::channel(1);
+    let fetching = stop.child_token();
+    let fetcher = fetch_batches(&shared, &topic, &client, offset, &fetching, batches);
+
+    let handler = async {
+        let mut committed = offset;
+        loop {
+            let records = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                batch = fetched.recv() => match batch {
+                    Some(records) => records,
+                    None => break,
+                },
+            };
+
+            let mut interrupted = false;
+            for record in records {
+                if record.offset < offset {
+                    continue;
+                }
+                if stop.is_cancelled() {
+                    interrupted = true;
+                    break;
+                }
+                let record_offset = record.offset;
+                let message = to_message(&topic, partition, record);
+                let done = match dispatcher.dispatch(&message, &stop).await {
+                    Outcome::Handled => true,
+                    Outcome::Failed { error, attempts } => {
+                        let dead = dead_letter(
+                            &message,
+                            &topic,
+                            partition,
+                            record_offset,
+                            &error,
+                            attempts,
+                        );
+                        send_dead_letter(&shared, dead_letter_topic.as_deref(), dead, &stop).await
+                    }
+                    Outcome::Interrupted => false,
+                };
+                if !done {
+                    interrupted = true;
+                    break;
+                }
+                offset = record_offset + 1;
+            }
+
+            if let Some(member) = &member {
+                if offset > committed {
+                    match member.lock().await.commit(&[(partition, offset)]).await {
+                        Ok(()) => committed = offset,
+                        Err(error) => {
+                            log_commit_failure(&shared, &topic, partition, offset, &error);
+                            if error.needs_rejoin() {
+                                stop.cancel();
+                            }
+                        }
+                    }
+                }
+            }
+            if interrupted {
+                break;
+            }
+        }
+        fetching.cancel();
+    };
+
+    tokio::join!(fetcher, handler);
+}
+
+/// Fetches batches of records from `offset` on and sends them to `batches` until `stop`
+/// fires, retrying failed fetches with capped backoff.
+async fn fetch_batches(
+    shared: &Shared,
+    topic: &str,
+    client: &PartitionClient,
+    mut offset: i64,
+    stop: &CancellationToken,
+    batches: mpsc::Sender<Vec<RecordAndOffset>>,
+) {
+    let partition = client.partition();
     let config = &shared.config;
     let max_wait = i32::try_from(config.fetch_max_wait.as_millis()).unwrap_or(i32::MAX);
-    let mut committed = offset;
     let mut failures = 0;
 
     while !stop.is_cancelled() {
@@ -352,49 +436,13 @@ async fn read_partition(
             }
         };
 
-        let mut interrupted = false;
-        for record in records {
-            if record.offset < offset {
-                continue;
-            }
-            if stop.is_cancelled() {
-                interrupted = true;
-                break;
-            }
-            let record_offset = record.offset;
-            let message = to_message(&topic, partition, record);
-            let done = match dispatcher.dispatch(&message, &stop).await {
-                Outcome::Handled => true,
-                Outcome::Failed { error, attempts } => {
-                    let dead =
-                        dead_letter(&message, &topic, partition, record_offset, &error, attempts);
-                    send_dead_letter(&shared, dead_letter_topic.as_deref(), dead, &stop).await
-                }
-                Outcome::Interrupted => false,
-            };
-            if !done {
-                interrupted = true;
-                break;
-            }
-            offset = record_offset + 1;
-        }
-
-        if let Some(member) = &member {
-            if offset > committed {
-                match member.lock().await.commit(&[(partition, offset)]).await {
-                    Ok(()) => committed = offset,
-                    Err(error) => {
-                        let rejoin = error.needs_rejoin();
-                        log_commit_failure(&shared, &topic, partition, offset, &error);
-                        if rejoin {
-                            stop.cancel();
-                        }
-                    }
-                }
-            }
-        }
-        if interrupted {
-            break;
+        let Some(last) = records.last() else {
+            continue;
+        };
+        offset = last.offset + 1;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            sent = batches.send(records) => if sent.is_err() { break },
         }
     }
 }

@@ -1,0 +1,144 @@
+//! Runs the same workloads through `broker` and through each driver's native client, in the
+//! same run and interleaved, and reports how close `broker` stays: a table on stdout, JSON,
+//! and an SVG chart.
+//!
+//! ```text
+//! scripts/brokers
+//! cargo bench --bench compare -- [--messages N] [--drivers kafka] [--out DIR]
+//! ```
+//!
+//! Workloads use 256-byte bodies with one header. Throughput is messages per second (higher
+//! is better); latency is end-to-end, publish to handler, at a fixed rate (lower is better).
+
+mod kafka;
+mod report;
+
+use std::time::{Duration, Instant};
+
+use report::{Figure, Report};
+
+/// The body of every benchmark message.
+const BODY: [u8; 256] = [b'x'; 256];
+
+/// How many times each side of a throughput workload runs; the best run counts.
+const ROUNDS: usize = 3;
+
+/// Settings from the command line.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// Messages per throughput run.
+    pub(crate) messages: usize,
+    /// Messages per second in the latency runs.
+    pub(crate) latency_rate: u32,
+    /// How long each latency run lasts.
+    pub(crate) latency_duration: Duration,
+    /// How many publishes are in flight at once in the publish workloads.
+    pub(crate) concurrency: usize,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (settings, drivers, out) = parse_args()?;
+    let mut report = Report::new(&settings);
+
+    for driver in &drivers {
+        match driver.as_str() {
+            "kafka" => kafka::run(&settings, &mut report).await?,
+            other => return Err(format!("no benchmark for driver `{other}`").into()),
+        }
+    }
+
+    report.peak_memory();
+    print!("{}", report.table());
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("bench.json"), report.json())?;
+    std::fs::write(out.join("bench.svg"), report.svg())?;
+    println!("wrote {0}/bench.json and {0}/bench.svg", out.display());
+    Ok(())
+}
+
+fn parse_args() -> Result<(Settings, Vec<String>, std::path::PathBuf), String> {
+    let mut settings = Settings {
+        messages: 100_000,
+        latency_rate: 1_000,
+        latency_duration: Duration::from_secs(5),
+        concurrency: 256,
+    };
+    let mut drivers = vec!["kafka".to_owned()];
+    let mut out = std::path::PathBuf::from("target/bench");
+
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--messages" => settings.messages = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--drivers" => drivers = value()?.split(',').map(str::to_owned).collect(),
+            "--out" => out = value()?.into(),
+            "--latency-seconds" => {
+                settings.latency_duration =
+                    Duration::from_secs(value()?.parse().map_err(|e| format!("{e}"))?)
+            }
+            // `cargo bench` passes this to every bench target.
+            "--bench" => {}
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok((settings, drivers, out))
+}
+
+/// Runs `broker_side` and `native_side` in turn, [`ROUNDS`] times each, and records the best
+/// throughput of each.
+pub(crate) async fn compare_throughput<B, N, BF, NF>(
+    report: &mut Report,
+    driver: &str,
+    workload: &str,
+    messages: usize,
+    mut broker_side: B,
+    mut native_side: N,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    B: FnMut() -> BF,
+    N: FnMut() -> NF,
+    BF: Future<Output = Result<Duration, Box<dyn std::error::Error>>>,
+    NF: Future<Output = Result<Duration, Box<dyn std::error::Error>>>,
+{
+    let rate = |elapsed: Duration| messages as f64 / elapsed.as_secs_f64();
+    let (mut best_broker, mut best_native) = (0f64, 0f64);
+    for round in 1..=ROUNDS {
+        let native = rate(native_side().await?);
+        let broker = rate(broker_side().await?);
+        eprintln!("{driver} {workload} round {round}: broker {broker:.0}/s, native {native:.0}/s");
+        best_broker = best_broker.max(broker);
+        best_native = best_native.max(native);
+    }
+    report.add(Figure::throughput(
+        driver,
+        workload,
+        best_broker,
+        best_native,
+    ));
+    Ok(())
+}
+
+/// Sends at `rate` per second for `duration`, calling `send(sequence, sent_at)`, and returns
+/// how many were sent.
+pub(crate) async fn paced<F, Fut>(
+    rate: u32,
+    duration: Duration,
+    mut send: F,
+) -> Result<usize, Box<dyn std::error::Error>>
+where
+    F: FnMut(usize, Instant) -> Fut,
+    Fut: Future<Output = Result<(), Box<dyn std::error::Error>>>,
+{
+    let interval = Duration::from_secs(1) / rate.max(1);
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < duration {
+        let due = start + interval * u32::try_from(sent).unwrap_or(u32::MAX);
+        tokio::time::sleep_until(due.into()).await;
+        send(sent, Instant::now()).await?;
+        sent += 1;
+    }
+    Ok(sent)
+}
