@@ -32,6 +32,10 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 pub use drivers::{ExchangeKind, KafkaConfig, MemoryConfig, NatsConfig, NatsMode, RabbitMqConfig};
+pub use drivers::{
+    NatsConsumerConfig, NatsDeliver, NatsMissingStream, NatsRetention, NatsStorage,
+    NatsStreamConfig,
+};
 pub use secret::{Secret, SecretUrl};
 
 /// The configuration of every named connection.
