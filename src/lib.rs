@@ -58,6 +58,8 @@ mod handler;
 mod manager;
 pub mod memory;
 mod message;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod propagation;
 mod provider;
 mod subscription;

@@ -75,10 +75,10 @@ pub struct NatsConfig {
     /// JetStream: the stream that captures the topics. Without it each subscription looks the
     /// stream up by its subject, and publishing needs a stream to exist already.
     #[serde(default)]
-    pub stream: Option<NatsStreamConfig>,
+    pub stream: Option<Box<NatsStreamConfig>>,
     /// JetStream: the consumers that subscriptions create.
     #[serde(default)]
-    pub consumer: NatsConsumerConfig,
+    pub consumer: Box<NatsConsumerConfig>,
 }
 
 impl Default for NatsConfig {
@@ -97,7 +97,7 @@ impl Default for NatsConfig {
             retry: RetryPolicy::default(),
             dead_letter_subject: default_dead_letter(),
             stream: None,
-            consumer: NatsConsumerConfig::default(),
+            consumer: Box::default(),
         }
     }
 }
