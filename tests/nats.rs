@@ -1,0 +1,589 @@
+//! Tests of the NATS driver against real servers: the shared one at `TEST_NATS_URL` (default
+//! `nats://127.0.0.1:4222`, with JetStream), and servers of their own on free ports for the
+//! restart tests.
+
+#![cfg(feature = "nats")]
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use broker::config::{NatsMode, SecretUrl};
+use broker::nats::NatsProvider;
+use broker::propagation::{
+    DEAD_LETTER_ATTEMPTS_HEADER, DEAD_LETTER_ERROR_HEADER, DEAD_LETTER_TOPIC_HEADER,
+};
+use broker::{Context, Error, Manager, Message, Provider, ProviderExt};
+use futures_util::StreamExt;
+
+use support::{NatsServer, Setup, collect, collector, nats_url, unique, within};
+
+#[tokio::test]
+async fn core_round_trip_keeps_every_field() {
+    within(async {
+        let provider = Setup::core().connect().await;
+        let topic = unique("round");
+        let (handler, mut received) = collector();
+        let _subscription = provider
+            .subscribe_fn(&Context::new(), &topic, handler)
+            .await
+            .unwrap();
+
+        let sent = Message::new("hello core").with_header("kind", "greeting");
+        let ctx = Context::from_request_id("request-core-1");
+        provider.publish(&ctx, &topic, sent.clone()).await.unwrap();
+
+        let got = collect(&mut received, 1).await.remove(0);
+        assert_eq!(got, sent.with_header("trace_id", "request-core-1"));
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn jetstream_round_trip_keeps_every_field() {
+    within(async {
+        let setup = Setup::jetstream();
+        let provider = setup.connect().await;
+        let topic = setup.topic("round");
+        let (handler, mut received) = collector();
+        let _subscription = provider
+            .subscribe_fn(&Context::new(), &topic, handler)
+            .await
+            .unwrap();
+
+        let sent = Message::new(vec![0_u8, 159, 146, 150])
+            .with_header("kind", "binary")
+            .with_header("Content-Type", "application/octet-stream");
+        let ctx = Context::from_request_id("request-js-1");
+        provider.publish(&ctx, &topic, sent.clone()).await.unwrap();
+
+        let got = collect(&mut received, 1).await.remove(0);
+        assert_eq!(got, sent.with_header("trace_id", "request-js-1"));
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn core_queue_group_shares_messages_without_duplicates() {
+    within(async {
+        let provider = Setup::core().connect().await;
+        let topic = unique("queue");
+        let (handler, mut received) = collector();
+        let ctx = Context::new();
+        let _a = provider
+            .subscribe_group_fn(&ctx, &topic, "workers", handler.clone())
+            .await
+            .unwrap();
+        let _b = provider
+            .subscribe_group_fn(&ctx, &topic, "workers", handler)
+            .await
+            .unwrap();
+
+        for n in 0..40 {
+            provider
+                .publish(&ctx, &topic, Message::new(format!("{n}")))
+                .await
+                .unwrap();
+        }
+
+        let got = collect(&mut received, 40).await;
+        let ids: HashSet<_> = got.iter().map(|message| message.id.clone()).collect();
+        assert_eq!(ids.len(), 40);
+        assert_no_more(&mut received).await;
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn core_independent_subscribers_each_get_every_message() {
+    within(async {
+        let provider = Setup::core().connect().await;
+        let topic = unique("fanout");
+        let (first, mut first_received) = collector();
+        let (second, mut second_received) = collector();
+        let ctx = Context::new();
+        let _a = provider.subscribe_fn(&ctx, &topic, first).await.unwrap();
+        let _b = provider.subscribe_fn(&ctx, &topic, second).await.unwrap();
+
+        for n in 0..10 {
+            provider
+                .publish(&ctx, &topic, Message::new(format!("{n}")))
+                .await
+                .unwrap();
+        }
+
+        assert_eq!(collect(&mut first_received, 10).await.len(), 10);
+        assert_eq!(collect(&mut second_received, 10).await.len(), 10);
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn jetstream_group_shares_messages_and_independent_subscribers_get_all() {
+    within(async {
+        let setup = Setup::jetstream();
+        let provider = setup.connect().await;
+        let topic = setup.topic("shared");
+        let ctx = Context::new();
+        let (member, mut group_received) = collector();
+        let (solo, mut solo_received) = collector();
+        let _a = provider
+            .subscribe_group_fn(&ctx, &topic, "billing", member.clone())
+            .await
+            .unwrap();
+        let _b = provider
+            .subscribe_group_fn(&ctx, &topic, "billing", member)
+            .await
+            .unwrap();
+        let _c = provider.subscribe_fn(&ctx, &topic, solo).await.unwrap();
+
+        for n in 0..30 {
+            provider
+                .publish(&ctx, &topic, Message::new(format!("{n}")))
+                .await
+                .unwrap();
+        }
+
+        let shared = collect(&mut group_received, 30).await;
+        let ids: HashSet<_> = shared.iter().map(|message| message.id.clone()).collect();
+        assert_eq!(ids.len(), 30);
+        assert_no_more(&mut group_received).await;
+        assert_eq!(collect(&mut solo_received, 30).await.len(), 30);
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn jetstream_failing_handler_is_redelivered_then_dead_lettered() {
+    within(async {
+        let setup = Setup::jetstream();
+        let provider = setup.connect().await;
+        let topic = setup.topic("poison");
+        let ctx = Context::new();
+        let deliveries = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&deliveries);
+        let _failing = provider
+            .subscribe_group_fn(
+                &ctx,
+                &topic,
+                "fragile",
+                move |_ctx: Context, _message: Message| {
+                    let counted = Arc::clone(&counted);
+                    async move {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        Err::<(), _>(std::io::Error::other("cannot handle this"))
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        let (dead_handler, mut dead) = collector();
+        let _dead = provider
+            .subscribe_fn(&ctx, &format!("{topic}.dlq"), dead_handler)
+            .await
+            .unwrap();
+
+        let sent = Message::new("poison").with_header("kind", "bad");
+        provider.publish(&ctx, &topic, sent.clone()).await.unwrap();
+
+        let letter = collect(&mut dead, 1).await.remove(0);
+        assert_eq!(letter.id, sent.id);
+        assert_eq!(letter.body, sent.body);
+        assert_eq!(letter.timestamp, sent.timestamp);
+        assert_eq!(letter.header("kind"), Some("bad"));
+        assert_eq!(
+            letter.header(DEAD_LETTER_TOPIC_HEADER),
+            Some(topic.as_str())
+        );
+        assert_eq!(letter.header(DEAD_LETTER_ATTEMPTS_HEADER), Some("3"));
+        assert!(
+            letter
+                .header(DEAD_LETTER_ERROR_HEADER)
+                .unwrap()
+                .contains("cannot handle this")
+        );
+        assert_eq!(deliveries.load(Ordering::SeqCst), 3);
+
+        // Terminated: no fourth delivery.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(deliveries.load(Ordering::SeqCst), 3);
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn core_failing_handler_is_retried_in_process_then_dead_lettered() {
+    within(async {
+        let provider = Setup::core().connect().await;
+        let topic = unique("core-poison");
+        let ctx = Context::new();
+        let attempts = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&attempts);
+        let _failing = provider
+            .subscribe_fn(&ctx, &topic, move |_ctx: Context, _message: Message| {
+                let counted = Arc::clone(&counted);
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    Err::<(), _>(std::io::Error::other("no"))
+                }
+            })
+            .await
+            .unwrap();
+        let (dead_handler, mut dead) = collector();
+        let _dead = provider
+            .subscribe_fn(&ctx, &format!("{topic}.dlq"), dead_handler)
+            .await
+            .unwrap();
+
+        let sent = Message::new("poison");
+        provider.publish(&ctx, &topic, sent.clone()).await.unwrap();
+
+        let letter = collect(&mut dead, 1).await.remove(0);
+        assert_eq!(letter.id, sent.id);
+        assert_eq!(letter.header(DEAD_LETTER_ATTEMPTS_HEADER), Some("3"));
+        assert_eq!(attempts.load(Ordering::SeqCst), 3);
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn jetstream_duplicate_publish_is_stored_once() {
+    within(async {
+        let setup = Setup::jetstream();
+        let provider = setup.connect().await;
+        let topic = setup.topic("dedup");
+        let ctx = Context::new();
+
+        let message = Message::new("once");
+        provider
+            .publish(&ctx, &topic, message.clone())
+            .await
+            .unwrap();
+        provider
+            .publish(&ctx, &topic, message.clone())
+            .await
+            .unwrap();
+        provider
+            .publish(&ctx, &topic, Message::new("another"))
+            .await
+            .unwrap();
+
+        let context = provider.jetstream().expect("JetStream mode");
+        let mut stream = context.get_stream(setup.stream_name()).await.unwrap();
+        assert_eq!(stream.info().await.unwrap().state.messages, 2);
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn messages_published_by_async_nats_are_consumed_with_their_headers() {
+    within(async {
+        let setup = Setup::jetstream();
+        let provider = setup.connect().await;
+        let topic = setup.topic("interop");
+        let (handler, mut received) = collector();
+        let _subscription = provider
+            .subscribe_fn(&Context::new(), &topic, handler)
+            .await
+            .unwrap();
+
+        let client = async_nats::connect(nats_url()).await.unwrap();
+        let context = async_nats::jetstream::new(client.clone());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", "foreign-1");
+        headers.insert("trace_id", "foreign-trace");
+        headers.insert("X-Tenant", "acme");
+        context
+            .publish_with_headers(topic.clone(), headers, "from outside".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        context
+            .publish(topic.clone(), "bare".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+
+        let got = collect(&mut received, 2).await;
+        assert_eq!(got[0].id, "foreign-1");
+        assert_eq!(got[0].header("X-Tenant"), Some("acme"));
+        assert_eq!(got[0].trace_id(), Some("foreign-trace"));
+        assert_eq!(&got[0].body[..], b"from outside");
+        assert_eq!(&got[1].body[..], b"bare");
+        assert!(got[1].id.starts_with(setup.stream_name()), "{}", got[1].id);
+
+        // And the other way: a core subscriber of async-nats sees our headers.
+        let core = Setup::core().connect().await;
+        let plain_topic = unique("interop-core");
+        let mut raw = client.subscribe(plain_topic.clone()).await.unwrap();
+        client.flush().await.unwrap();
+        let sent = Message::new("to outside").with_header("X-Tenant", "acme");
+        core.publish(&Context::from_request_id("r-9"), &plain_topic, sent.clone())
+            .await
+            .unwrap();
+        let raw_message = tokio::time::timeout(Duration::from_secs(20), raw.next())
+            .await
+            .expect("the raw subscriber gets the message")
+            .unwrap();
+        let raw_headers = raw_message.headers.unwrap();
+        assert_eq!(raw_headers.get("Nats-Msg-Id").unwrap().as_str(), sent.id);
+        assert_eq!(raw_headers.get("X-Tenant").unwrap().as_str(), "acme");
+        assert_eq!(raw_headers.get("trace_id").unwrap().as_str(), "r-9");
+
+        core.close().await.unwrap();
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reserved_header_fails_the_publish_clearly() {
+    within(async {
+        let provider = Setup::core().connect().await;
+        let message = Message::new("x").with_header("Nats-Msg-Id", "mine");
+
+        let error = provider
+            .publish(&Context::new(), "anything", message)
+            .await
+            .unwrap_err();
+
+        assert!(matches!(error, Error::Unsupported { .. }), "{error}");
+        assert!(error.to_string().contains("Nats-Msg-Id"), "{error}");
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn display_names_the_connection_and_address_and_close_is_final() {
+    within(async {
+        let provider = Setup::core().named("orders").connect().await;
+        let address = SecretUrl::parse(&nats_url()).unwrap().host_port();
+
+        assert_eq!(provider.to_string(), format!("nats(orders: {address})"));
+        provider.ping(&Context::new()).await.unwrap();
+        provider.close().await.unwrap();
+
+        let error = provider
+            .publish(&Context::new(), "after.close", Message::new("x"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::Closed { .. }), "{error}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_manager_connects_nats_and_gives_the_native_client() {
+    within(async {
+        let stream = unique("MGR").replace('.', "_");
+        let toml = format!(
+            r#"
+            [brokers.events]
+            driver = "nats"
+            [brokers.events.nats]
+            url = "{url}"
+            mode = "jetstream"
+            stream = {{ name = "{stream}", subjects = ["{stream}.>"], storage = "memory" }}
+            "#,
+            url = nats_url(),
+        );
+        let config = broker::Config::from_toml_with_env(&toml, &Default::default()).unwrap();
+        let manager = Manager::connect(
+            &Context::new().with_timeout(Duration::from_secs(10)),
+            config,
+        )
+        .await
+        .unwrap();
+
+        let nats = manager.get_as::<NatsProvider>("events").unwrap();
+        assert!(nats.jetstream().is_some());
+        nats.client().flush().await.unwrap();
+        manager.ping(&Context::new()).await.unwrap();
+        manager.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn first_connect_waits_for_a_server_that_is_still_starting() {
+    within(async {
+        let port = support::free_port();
+        let setup = Setup::core().at(&format!("nats://127.0.0.1:{port}"));
+        let connecting = tokio::spawn(async move {
+            let ctx = Context::new().with_timeout(Duration::from_secs(20));
+            NatsProvider::connect(&ctx, "late", setup.config()).await
+        });
+
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let _server = NatsServer::start(port);
+
+        let provider = connecting.await.unwrap().unwrap();
+        provider.ping(&Context::new()).await.unwrap();
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_stops_at_the_deadline() {
+    within(async {
+        let port = support::free_port();
+        let setup = Setup::core().at(&format!("nats://127.0.0.1:{port}"));
+        let ctx = Context::new().with_timeout(Duration::from_millis(700));
+
+        let error = NatsProvider::connect(&ctx, "nowhere", setup.config())
+            .await
+            .unwrap_err();
+
+        assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
+        assert!(error.to_string().contains("nowhere"), "{error}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn core_subscription_resumes_after_a_server_restart() {
+    within(async {
+        let port = support::free_port();
+        let mut server = NatsServer::start(port);
+        let provider = Setup::core().at(&server.url()).connect().await;
+        let topic = unique("restart");
+        let (handler, mut received) = collector();
+        let _subscription = provider
+            .subscribe_fn(&Context::new(), &topic, handler)
+            .await
+            .unwrap();
+
+        provider
+            .publish(&Context::new(), &topic, Message::new("before"))
+            .await
+            .unwrap();
+        assert_eq!(&collect(&mut received, 1).await[0].body[..], b"before");
+
+        server.stop();
+        support::wait_until_disconnected(&provider).await;
+        let down = Context::new().with_timeout(Duration::from_millis(500));
+        let error = provider
+            .publish(&down, &topic, Message::new("lost"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
+        assert!(error.to_string().contains(&topic), "{error}");
+
+        server.restart();
+        support::wait_until_connected(&provider).await;
+        let after = Context::new().with_timeout(Duration::from_secs(10));
+        provider
+            .publish(&after, &topic, Message::new("after"))
+            .await
+            .unwrap();
+
+        // The message queued while the server was down may arrive too: core NATS promises
+        // nothing either way.
+        let bodies: Vec<_> = collect_until(&mut received, b"after").await;
+        assert!(bodies.iter().any(|body| body == b"after"));
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn jetstream_loses_nothing_acknowledged_across_a_server_restart() {
+    within(async {
+        let port = support::free_port();
+        let mut server = NatsServer::start(port);
+        let setup = Setup::jetstream().at(&server.url()).file_storage();
+        let provider = setup.connect().await;
+        let topic = setup.topic("durable");
+        let (handler, mut received) = collector();
+        let _subscription = provider
+            .subscribe_group_fn(&Context::new(), &topic, "keepers", handler)
+            .await
+            .unwrap();
+
+        for n in 0..5 {
+            let message = Message::new(format!("before {n}"));
+            provider
+                .publish(&Context::new(), &topic, message)
+                .await
+                .unwrap();
+        }
+        collect(&mut received, 5).await;
+
+        server.stop();
+        let mut sent = HashSet::new();
+        // A publish during the outage waits for the server (up to its deadline) and succeeds.
+        let waiting = {
+            let provider = Arc::clone(&provider);
+            let topic = topic.clone();
+            let message = Message::new("during");
+            sent.insert(message.id.clone());
+            tokio::spawn(async move {
+                let ctx = Context::new().with_timeout(Duration::from_secs(30));
+                provider.publish(&ctx, &topic, message).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        server.restart();
+        waiting.await.unwrap().unwrap();
+
+        for n in 0..5 {
+            let message = Message::new(format!("after {n}"));
+            sent.insert(message.id.clone());
+            let ctx = Context::new().with_timeout(Duration::from_secs(30));
+            provider.publish(&ctx, &topic, message).await.unwrap();
+        }
+
+        let mut seen = HashSet::new();
+        while !sent.is_subset(&seen) {
+            let message = tokio::time::timeout(Duration::from_secs(30), received.recv())
+                .await
+                .expect("every acknowledged message arrives")
+                .unwrap();
+            seen.insert(message.id);
+        }
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+async fn collect_until(
+    received: &mut tokio::sync::mpsc::UnboundedReceiver<Message>,
+    last: &[u8],
+) -> Vec<Vec<u8>> {
+    let mut bodies = Vec::new();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(20), received.recv())
+            .await
+            .expect("the message arrives")
+            .unwrap();
+        bodies.push(message.body.to_vec());
+        if message.body == last {
+            return bodies;
+        }
+    }
+}
+
+async fn assert_no_more(received: &mut tokio::sync::mpsc::UnboundedReceiver<Message>) {
+    let extra = tokio::time::timeout(Duration::from_millis(300), received.recv()).await;
+    assert!(extra.is_err(), "an extra delivery: {extra:?}");
+}
+
+#[test]
+fn nats_mode_defaults_to_core() {
+    assert_eq!(NatsMode::default(), NatsMode::Core);
+}
