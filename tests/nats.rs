@@ -329,7 +329,15 @@ async fn messages_published_by_async_nats_are_consumed_with_their_headers() {
         let core = Setup::core().connect().await;
         let plain_topic = unique("interop-core");
         let mut raw = client.subscribe(plain_topic.clone()).await.unwrap();
-        client.flush().await.unwrap();
+        // Once its own probe comes back, the server has the raw subscription.
+        client
+            .publish(plain_topic.clone(), "probe".into())
+            .await
+            .unwrap();
+        let probe = tokio::time::timeout(Duration::from_secs(20), raw.next())
+            .await
+            .unwrap();
+        assert_eq!(&probe.unwrap().payload[..], b"probe");
         let sent = Message::new("to outside").with_header("X-Tenant", "acme");
         core.publish(&Context::from_request_id("r-9"), &plain_topic, sent.clone())
             .await

@@ -29,6 +29,22 @@ pub(super) async fn publish(
     Ok(())
 }
 
+/// Sends a message to a fresh inbox of this client and waits until the server delivered it
+/// back: a round trip through the server, after everything sent before it.
+pub(super) async fn round_trip(client: &Client) -> Result<(), BoxError> {
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await?;
+    client.publish(inbox, Bytes::new()).await?;
+    client.flush().await?;
+    let came_back = echo.next().await;
+    // Best effort: the subscription ends with the client anyway.
+    let _ = echo.unsubscribe().await;
+    match came_back {
+        Some(_) => Ok(()),
+        None => Err("the connection closed before the server answered".into()),
+    }
+}
+
 /// One core subscription.
 pub(super) struct Consumer {
     shared: Arc<Shared>,
@@ -58,10 +74,9 @@ impl Consumer {
         };
         let subscriber = subscribed.map_err(|error| Error::broker(origin(), error))?;
 
-        // The flush's round trip comes back after the server has handled the subscription.
-        shared
-            .client
-            .flush()
+        // The server handles a connection's operations in order: once a message of ours has
+        // come back, it has the subscription too.
+        round_trip(&shared.client)
             .await
             .map_err(|error| Error::broker(origin(), error))?;
 

@@ -451,9 +451,7 @@ impl Provider for NatsProvider {
             ));
         }
         ctx.run(origin, async {
-            self.shared
-                .client
-                .flush()
+            core::round_trip(&self.shared.client)
                 .await
                 .map_err(|error| Error::broker(origin(), error))
         })
