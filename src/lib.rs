@@ -55,6 +55,8 @@ pub mod config;
 mod context;
 mod error;
 mod handler;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 mod manager;
 pub mod memory;
 mod message;
@@ -73,3 +75,8 @@ pub use memory::MemoryProvider;
 pub use message::{Headers, Message};
 pub use provider::{AsAny, Provider, ProviderExt, SubscribeOptions};
 pub use subscription::{Subscription, Subscriptions};
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,9 +1,9 @@
-//! Tests of the NATS driver against real servers: the shared one at `TEST_NATS_URL` (default
-//! `nats://127.0.0.1:4222`, with JetStream), and servers of their own on free ports for the
-//! restart tests.
+//! Tests of the NATS driver against real servers: the conformance suite in core and JetStream
+//! mode and the driver's own checks on the shared server at `TEST_NATS_URL` (default
+//! `nats://127.0.0.1:4222`, with JetStream), and restarts on servers of their own on free
+//! ports.
 
-#![cfg(feature = "nats")]
-
+mod conformance;
 mod support;
 
 use std::collections::HashSet;
@@ -11,15 +11,63 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use broker::config::{NatsMode, SecretUrl};
 use broker::nats::NatsProvider;
 use broker::propagation::{
     DEAD_LETTER_ATTEMPTS_HEADER, DEAD_LETTER_ERROR_HEADER, DEAD_LETTER_TOPIC_HEADER,
 };
 use broker::{Context, Error, Manager, Message, Provider, ProviderExt};
+use conformance::Driver;
 use futures_util::StreamExt;
 
 use support::{NatsServer, Setup, collect, collector, nats_url, unique, within};
+
+/// Core NATS. Its checks of retries and dead letters run too: the driver retries a failed
+/// handler in-process and publishes the dead letter itself, though the server never
+/// redelivers.
+struct CoreNats;
+
+#[async_trait]
+impl Driver for CoreNats {
+    async fn connect(&self) -> Arc<dyn Provider> {
+        Setup::core().connect().await
+    }
+
+    async fn dead_broker_error(&self) -> Result<Error, &'static str> {
+        Ok(support::dead_server_error().await)
+    }
+}
+
+/// JetStream, with a stream of its own capturing every topic of the check.
+struct JetStreamNats(Setup);
+
+#[async_trait]
+impl Driver for JetStreamNats {
+    async fn connect(&self) -> Arc<dyn Provider> {
+        self.0.connect().await
+    }
+
+    async fn dead_broker_error(&self) -> Result<Error, &'static str> {
+        Ok(support::dead_server_error().await)
+    }
+
+    fn topic(&self) -> String {
+        self.0.topic(&uuid::Uuid::now_v7().simple().to_string())
+    }
+}
+
+mod core_conformance {
+    use super::*;
+
+    conformance_tests!(CoreNats);
+}
+
+mod jetstream_conformance {
+    use super::*;
+
+    conformance_tests!(JetStreamNats(Setup::jetstream()));
+}
 
 #[tokio::test]
 async fn core_round_trip_keeps_every_field() {

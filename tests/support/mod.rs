@@ -34,10 +34,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// Runs a test body with logs on and a bound on its time.
 pub async fn within<F: Future<Output = ()>>(test: F) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    crate::conformance::trace::install();
     tokio::time::timeout(TEST_TIMEOUT, test)
         .await
         .expect("the test finished in time");
@@ -167,6 +164,15 @@ impl Setup {
             .expect("connects to NATS");
         Arc::new(provider)
     }
+}
+
+/// The error connecting gives where no server listens.
+pub async fn dead_server_error() -> broker::Error {
+    let setup = Setup::core().at(&format!("nats://127.0.0.1:{}", free_port()));
+    let ctx = Context::new().with_timeout(Duration::from_secs(1));
+    NatsProvider::connect(&ctx, "dead", setup.config())
+        .await
+        .expect_err("nothing listens there")
 }
 
 /// A port nothing listens on right now.
