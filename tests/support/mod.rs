@@ -22,9 +22,15 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 /// The longest any test may take.
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The shared server's address.
+/// The shared server's address: `TEST_NATS_URL`, or `TEST_NATS_ADDR` as `host:port`.
 pub fn nats_url() -> String {
-    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+    if let Ok(url) = std::env::var("TEST_NATS_URL") {
+        return url;
+    }
+    match std::env::var("TEST_NATS_ADDR") {
+        Ok(address) => format!("nats://{address}"),
+        Err(_) => "nats://127.0.0.1:4222".to_owned(),
+    }
 }
 
 /// A name no other test uses: `{prefix}-{uuid}`.
