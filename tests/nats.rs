@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use broker::config::{NatsMode, SecretUrl};
+use broker::config::{NatsMode, Secret, SecretUrl};
 use broker::nats::NatsProvider;
 use broker::propagation::{
     DEAD_LETTER_ATTEMPTS_HEADER, DEAD_LETTER_ERROR_HEADER, DEAD_LETTER_TOPIC_HEADER,
@@ -613,6 +613,112 @@ async fn jetstream_loses_nothing_acknowledged_across_a_server_restart() {
             seen.insert(message.id);
         }
         provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn user_and_password_authenticate_and_a_wrong_one_fails_at_once() {
+    within(async {
+        let port = support::free_port();
+        let _server = NatsServer::start_with(port, &["--user", "alice", "--pass", "hunter2"]);
+        let mut right = Setup::core()
+            .at(&format!("nats://127.0.0.1:{port}"))
+            .config();
+        right.user = Some("alice".to_owned());
+        right.password = Some(Secret::new("hunter2"));
+        let mut wrong = right.clone();
+        wrong.password = Some(Secret::new("letmein"));
+        let ctx = Context::new().with_timeout(Duration::from_secs(15));
+
+        let provider = NatsProvider::connect(&ctx, "secured", right).await.unwrap();
+        provider.ping(&ctx).await.unwrap();
+        let shown = format!("{provider} {provider:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        provider.close().await.unwrap();
+
+        let started = std::time::Instant::now();
+        let error = NatsProvider::connect(&ctx, "secured", wrong)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::Broker { .. }), "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "refused logins are not retried"
+        );
+        assert!(!error.to_string().contains("letmein"), "{error}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_token_authenticates_and_stays_out_of_debug_output() {
+    within(async {
+        let port = support::free_port();
+        let _server = NatsServer::start_with(port, &["--auth", "s3cr3t-token"]);
+        let mut config = Setup::core()
+            .at(&format!("nats://127.0.0.1:{port}"))
+            .config();
+        config.token = Some(Secret::new("s3cr3t-token"));
+        let ctx = Context::new().with_timeout(Duration::from_secs(15));
+
+        let provider = NatsProvider::connect(&ctx, "tokened", config)
+            .await
+            .unwrap();
+        provider.ping(&ctx).await.unwrap();
+        assert!(!format!("{provider:?}").contains("s3cr3t-token"));
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tls_and_websocket_urls_are_refused_as_unsupported() {
+    within(async {
+        let setup = Setup::core().at("tls://127.0.0.1:4443");
+        let ctx = Context::new().with_timeout(Duration::from_secs(5));
+
+        let error = NatsProvider::connect(&ctx, "secure", setup.config())
+            .await
+            .unwrap_err();
+
+        assert!(matches!(error, Error::Unsupported { .. }), "{error}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_server_that_demands_tls_gives_an_error_not_a_panic() {
+    within(async {
+        let dir = std::env::temp_dir().join(unique("nats-tls"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output();
+        if !made.is_ok_and(|output| output.status.success()) {
+            println!("skipped: openssl cannot make a certificate here");
+            return;
+        }
+        let port = support::free_port();
+        let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
+        let _server =
+            NatsServer::start_with(port, &["--tls", "--tlscert", &cert, "--tlskey", &key]);
+        let setup = Setup::core().at(&format!("nats://127.0.0.1:{port}"));
+        let ctx = Context::new().with_timeout(Duration::from_secs(10));
+
+        let error = NatsProvider::connect(&ctx, "tls-only", setup.config())
+            .await
+            .unwrap_err();
+
+        assert!(matches!(error, Error::Broker { .. }), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
     })
     .await;
 }

@@ -67,6 +67,9 @@
 //! sent once the connection is back. Every error names the connection, the operation and the
 //! subject.
 //!
+//! Only `nats://` URLs are supported so far: TLS and WebSocket connections are refused with
+//! [`Error::Unsupported`].
+//!
 //! [`NatsProvider::client`] and [`NatsProvider::jetstream`] give the native client for what
 //! this interface does not cover.
 
@@ -75,12 +78,14 @@ mod core;
 mod jetstream;
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
 use async_trait::async_trait;
+use futures_util::FutureExt;
 
 use crate::config::{NatsConfig, NatsMode};
 use crate::context::Context;
@@ -156,6 +161,18 @@ impl NatsProvider {
             .join(",");
         let origin = || Origin::new(DRIVER, name, Operation::Connect, address.as_str());
 
+        // TODO: TLS (`tls://`, `wss://`) and WebSocket (`ws://`) need async-nats's TLS and
+        // websocket features with a pure-Rust crypto provider for rustls; until the crate has
+        // its `tls` feature they are refused here rather than failing inside the client.
+        if let Some(url) = config.all_urls().find(|url| url.scheme() != "nats") {
+            return Err(Error::Unsupported {
+                origin: origin(),
+                reason: format!(
+                    "`{url}`: only nats:// URLs are supported by this build; TLS and WebSocket \
+                     connections are not yet"
+                ),
+            });
+        }
         let servers = config
             .all_urls()
             .map(|url| ServerAddr::from_url(url.expose().clone()))
@@ -286,9 +303,18 @@ async fn first_connect(
 ) -> Result<Client> {
     let mut attempt: u32 = 1;
     loop {
-        let error = match options.clone().connect(servers.as_slice()).await {
-            Ok(client) => return Ok(client),
-            Err(error) => error,
+        // A server that demands TLS makes the client build a TLS configuration, which panics
+        // without a crypto provider in this build: report that instead of unwinding.
+        let connecting = AssertUnwindSafe(options.clone().connect(servers.as_slice()));
+        let error = match connecting.catch_unwind().await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(error)) => error,
+            Err(_) => {
+                return Err(Error::broker(
+                    origin(),
+                    "the server requires TLS, which this build does not support yet",
+                ));
+            }
         };
         if matches!(
             error.kind(),

@@ -216,16 +216,23 @@ pub async fn wait_until_disconnected(provider: &NatsProvider) {
 pub struct NatsServer {
     port: u16,
     store: PathBuf,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     /// Starts a server on `port` and waits until it accepts connections.
     pub fn start(port: u16) -> NatsServer {
+        NatsServer::start_with(port, &[])
+    }
+
+    /// Starts a server on `port` with more command-line options, for example authentication.
+    pub fn start_with(port: u16, extra: &[&str]) -> NatsServer {
         let store = std::env::temp_dir().join(unique("nats-test-store"));
         let mut server = NatsServer {
             port,
             store,
+            extra: extra.iter().map(|option| (*option).to_owned()).collect(),
             child: None,
         };
         server.restart();
@@ -260,6 +267,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.store)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
