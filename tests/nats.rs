@@ -581,6 +581,13 @@ async fn jetstream_loses_nothing_acknowledged_across_a_server_restart() {
         collect(&mut received, 5).await;
 
         server.stop();
+        support::wait_until_disconnected(&provider).await;
+        let short = Context::new().with_timeout(Duration::from_millis(700));
+        let error = provider
+            .publish(&short, &topic, Message::new("given up"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
         let mut sent = HashSet::new();
         // A publish during the outage waits for the server (up to its deadline) and succeeds.
         let waiting = {
@@ -719,6 +726,47 @@ async fn a_server_that_demands_tls_gives_an_error_not_a_panic() {
 
         assert!(matches!(error, Error::Broker { .. }), "{error}");
         let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_deleted_durable_consumer_is_opened_again() {
+    within(async {
+        let setup = Setup::jetstream();
+        let provider = setup.connect().await;
+        let topic = setup.topic("phoenix");
+        let (handler, mut received) = collector();
+        let _subscription = provider
+            .subscribe_group_fn(&Context::new(), &topic, "phoenix", handler)
+            .await
+            .unwrap();
+        provider
+            .publish(&Context::new(), &topic, Message::new("first"))
+            .await
+            .unwrap();
+        collect(&mut received, 1).await;
+
+        let durable = format!("phoenix-{}", topic.replace('.', "_"));
+        let context = provider.jetstream().unwrap();
+        let stream = context.get_stream(setup.stream_name()).await.unwrap();
+        stream.delete_consumer(&durable).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while stream.consumer_info(&durable).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the consumer was not opened again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        provider
+            .publish(&Context::new(), &topic, Message::new("second"))
+            .await
+            .unwrap();
+        let got = collect(&mut received, 1).await;
+        assert_eq!(&got[0].body[..], b"second");
+        provider.close().await.unwrap();
     })
     .await;
 }

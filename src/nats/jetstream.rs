@@ -400,15 +400,13 @@ impl Consumer {
     }
 
     /// Opens the consumer and its message stream again after the server lost them, trying
-    /// until it works or `stop` fires. An ephemeral consumer resumes after the last message
-    /// handled.
+    /// until it works or `stop` fires. A consumer that has to be created anew starts after the
+    /// last message this subscription handled; a durable one that still exists keeps its place.
     async fn reopen(&mut self, stop: &CancellationToken) -> bool {
-        if !self.durable {
-            if let Some(sequence) = self.last_sequence {
-                self.settings.deliver_policy = DeliverPolicy::ByStartSequence {
-                    start_sequence: sequence.saturating_add(1),
-                };
-            }
+        if let Some(sequence) = self.last_sequence {
+            self.settings.deliver_policy = DeliverPolicy::ByStartSequence {
+                start_sequence: sequence.saturating_add(1),
+            };
         }
         let mut attempt: u32 = 0;
         loop {
