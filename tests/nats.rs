@@ -771,6 +771,129 @@ async fn a_deleted_durable_consumer_is_opened_again() {
     .await;
 }
 
+#[tokio::test]
+async fn core_subscription_fails_over_to_another_node_of_a_cluster() {
+    within(async {
+        let cluster = unique("cluster");
+        let ports: Vec<(u16, u16)> = (0..3)
+            .map(|_| (support::free_port(), support::free_port()))
+            .collect();
+        let routes = ports
+            .iter()
+            .map(|(_, route)| format!("nats://127.0.0.1:{route}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers: Vec<NatsServer> = ports
+            .iter()
+            .map(|(client, route)| {
+                let listen = format!("nats://127.0.0.1:{route}");
+                let name = format!("node-{client}");
+                NatsServer::start_with(
+                    *client,
+                    &[
+                        "--server_name",
+                        &name,
+                        "--cluster_name",
+                        &cluster,
+                        "--cluster",
+                        &listen,
+                        "--routes",
+                        &routes,
+                    ],
+                )
+            })
+            .collect();
+
+        let mut config = Setup::core().config();
+        config.url = None;
+        config.urls = ports
+            .iter()
+            .map(|(client, _)| SecretUrl::parse(&format!("nats://127.0.0.1:{client}")).unwrap())
+            .collect();
+        let ctx = Context::new().with_timeout(Duration::from_secs(20));
+        let subscriber = Arc::new(
+            NatsProvider::connect(&ctx, "cluster-sub", config)
+                .await
+                .unwrap(),
+        );
+        let topic = unique("failover");
+        let (handler, mut received) = collector();
+        let _subscription = subscriber
+            .subscribe_fn(&Context::new(), &topic, handler)
+            .await
+            .unwrap();
+
+        // The publisher sits on a node the subscriber does not use.
+        let used = subscriber.client().server_info().port;
+        let other = ports
+            .iter()
+            .map(|(client, _)| *client)
+            .find(|port| *port != used)
+            .unwrap();
+        let publisher = Setup::core()
+            .at(&format!("nats://127.0.0.1:{other}"))
+            .connect()
+            .await;
+        let before = pump(&publisher, &topic, "before");
+        let got = collect(&mut received, 1).await;
+        before.abort();
+        assert!(got[0].body.starts_with(b"before"));
+
+        let index = ports
+            .iter()
+            .position(|(client, _)| *client == used)
+            .unwrap();
+        servers[index].stop();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while subscriber.client().server_info().port == used {
+            assert!(std::time::Instant::now() < deadline, "no failover");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        support::wait_until_connected(&subscriber).await;
+
+        while received.try_recv().is_ok() {}
+        let after = pump(&publisher, &topic, "after");
+        let got = collect_until_prefix(&mut received, b"after").await;
+        after.abort();
+        assert!(got.body.starts_with(b"after"));
+
+        subscriber.close().await.unwrap();
+        publisher.close().await.unwrap();
+    })
+    .await;
+}
+
+/// Publishes `{label} {n}` to `topic` every 100 ms until aborted (at most 20 s).
+fn pump(
+    publisher: &Arc<NatsProvider>,
+    topic: &str,
+    label: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    let publisher = Arc::clone(publisher);
+    let topic = topic.to_owned();
+    tokio::spawn(async move {
+        for n in 0..200 {
+            let ctx = Context::new().with_timeout(Duration::from_secs(5));
+            let message = Message::new(format!("{label} {n}"));
+            let _ = publisher.publish(&ctx, &topic, message).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// The first message whose body starts with `prefix`, skipping stragglers of earlier pumps.
+async fn collect_until_prefix(
+    received: &mut tokio::sync::mpsc::UnboundedReceiver<Message>,
+    prefix: &[u8],
+) -> Message {
+    loop {
+        let message = collect(received, 1).await.remove(0);
+        if message.body.starts_with(prefix) {
+            return message;
+        }
+    }
+}
+
 async fn collect_until(
     received: &mut tokio::sync::mpsc::UnboundedReceiver<Message>,
     last: &[u8],
