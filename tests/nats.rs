@@ -894,6 +894,47 @@ async fn collect_until_prefix(
     }
 }
 
+#[tokio::test]
+async fn a_handler_slower_than_ack_wait_is_not_given_the_message_twice() {
+    within(async {
+        let mut setup = Setup::jetstream();
+        setup.set_ack_wait(Duration::from_secs(1));
+        let provider = setup.connect().await;
+        let topic = setup.topic("slow");
+        let runs = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&runs);
+        let (done, mut finished) = collector();
+        let _subscription = provider
+            .subscribe_group_fn(
+                &Context::new(),
+                &topic,
+                "patient",
+                move |ctx: Context, message: Message| {
+                    let counted = Arc::clone(&counted);
+                    let done = done.clone();
+                    async move {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(2500)).await;
+                        broker::Handler::call(&done, ctx, message).await
+                    }
+                },
+            )
+            .await
+            .unwrap();
+
+        provider
+            .publish(&Context::new(), &topic, Message::new("slow"))
+            .await
+            .unwrap();
+
+        collect(&mut finished, 1).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
 async fn collect_until(
     received: &mut tokio::sync::mpsc::UnboundedReceiver<Message>,
     last: &[u8],

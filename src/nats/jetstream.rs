@@ -21,7 +21,7 @@ use crate::config::{
 };
 use crate::context::new_id;
 use crate::error::{BoxError, Error, Operation, Origin, Result};
-use crate::handler::Dispatcher;
+use crate::handler::{Dispatcher, HandlerResult};
 use crate::message::Message;
 use crate::propagation;
 
@@ -275,7 +275,9 @@ impl Consumer {
             || published,
         );
 
-        let result = self.dispatcher.attempt(message.clone(), attempt).await;
+        let result = self
+            .attempt_in_progress(&delivered, &message, attempt)
+            .await;
         let retry = self.dispatcher.retry();
         match result {
             Ok(()) => self.acknowledge(&delivered, &message, AckKind::Ack).await,
@@ -291,6 +293,35 @@ impl Consumer {
         }
         if sequence.is_some() {
             self.last_sequence = sequence;
+        }
+    }
+
+    /// Runs the handler once, telling the server every half `ack_wait` that it is still at
+    /// work, so a slow handler does not get its message delivered a second time meanwhile.
+    async fn attempt_in_progress(
+        &self,
+        delivered: &js::Message,
+        message: &Message,
+        attempt: u32,
+    ) -> HandlerResult {
+        let every = (self.shared.config.consumer.ack_wait / 2).max(Duration::from_millis(100));
+        let handled = self.dispatcher.attempt(message.clone(), attempt);
+        tokio::pin!(handled);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                result = &mut handled => return result,
+                _ = ticks.tick() => {
+                    if let Err(error) = delivered.ack_with(AckKind::Progress).await {
+                        tracing::debug!(
+                            connection = %self.shared.name,
+                            topic = %self.topic,
+                            error = %error,
+                            "cannot tell the server the handler is still at work"
+                        );
+                    }
+                }
+            }
         }
     }
 

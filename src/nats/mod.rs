@@ -52,8 +52,9 @@
 //! `retry.attempts` deliveries (the server's delivery count) the message is published to the
 //! dead-letter subject with the error headers of [`crate::propagation::dead_letter`], then
 //! terminated. If the dead-letter subject is captured by a stream it is stored there;
-//! otherwise it is a core publish. A message whose handler never answers is delivered again
-//! after `consumer.ack_wait`. At most `consumer.max_ack_pending` messages are unacknowledged
+//! otherwise it is a core publish. While a handler runs, the server is told every half
+//! `consumer.ack_wait` that it is still at work; a message whose subscriber vanished is
+//! delivered again after `consumer.ack_wait`. At most `consumer.max_ack_pending` messages are unacknowledged
 //! at once. When a subscription stops, the in-flight handler finishes and is acknowledged,
 //! and messages already pulled but not started are given back with a `nak`.
 //!

@@ -144,6 +144,11 @@ impl Setup {
         self
     }
 
+    /// This setup with consumers that wait `ack_wait` for an acknowledgement.
+    pub fn set_ack_wait(&mut self, ack_wait: Duration) {
+        self.config.consumer.ack_wait = ack_wait;
+    }
+
     /// A subject under this setup's prefix, captured by its stream.
     pub fn topic(&self, name: &str) -> String {
         format!("{}.{name}", self.prefix)
