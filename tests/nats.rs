@@ -532,6 +532,8 @@ async fn core_subscription_resumes_after_a_server_restart() {
 
         server.stop();
         support::wait_until_disconnected(&provider).await;
+        let ping = provider.ping(&Context::new()).await.unwrap_err();
+        assert!(matches!(ping, Error::Broker { .. }), "{ping}");
         let down = Context::new().with_timeout(Duration::from_millis(500));
         let error = provider
             .publish(&down, &topic, Message::new("lost"))
@@ -931,6 +933,55 @@ async fn a_handler_slower_than_ack_wait_is_not_given_the_message_twice() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_subject_no_stream_captures_fails_clearly() {
+    within(async {
+        let mut config = Setup::jetstream().config();
+        config.stream = None;
+        let ctx = Context::new().with_timeout(Duration::from_secs(10));
+        let provider = NatsProvider::connect(&ctx, "streamless", config)
+            .await
+            .unwrap();
+        let topic = unique("nowhere");
+
+        let published = provider
+            .publish(&ctx, &topic, Message::new("x"))
+            .await
+            .unwrap_err();
+        let subscribed = provider
+            .subscribe_fn(&ctx, &topic, collector().0)
+            .await
+            .unwrap_err();
+
+        for error in [published, subscribed] {
+            assert!(matches!(error, Error::Broker { .. }), "{error}");
+            assert_eq!(error.origin().unwrap().target, topic, "{error}");
+        }
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_required_stream_that_is_missing_fails_the_connect_naming_it() {
+    within(async {
+        let mut config = Setup::jetstream().config();
+        if let Some(stream) = &mut config.stream {
+            stream.missing = broker::config::NatsMissingStream::Fail;
+        }
+        let name = config.stream.as_ref().unwrap().name.clone();
+        let ctx = Context::new().with_timeout(Duration::from_secs(10));
+
+        let error = NatsProvider::connect(&ctx, "strict", config)
+            .await
+            .unwrap_err();
+
+        assert!(matches!(error, Error::Broker { .. }), "{error}");
+        assert!(error.to_string().contains(&name), "{error}");
     })
     .await;
 }
