@@ -986,6 +986,40 @@ async fn a_required_stream_that_is_missing_fails_the_connect_naming_it() {
     .await;
 }
 
+#[tokio::test]
+async fn a_jetstream_subscriber_without_a_group_resumes_after_a_server_restart() {
+    within(async {
+        let port = support::free_port();
+        let mut server = NatsServer::start(port);
+        let setup = Setup::jetstream().at(&server.url()).file_storage();
+        let provider = setup.connect().await;
+        let topic = setup.topic("ephemeral");
+        let (handler, mut received) = collector();
+        let _subscription = provider
+            .subscribe_fn(&Context::new(), &topic, handler)
+            .await
+            .unwrap();
+        provider
+            .publish(&Context::new(), &topic, Message::new("before"))
+            .await
+            .unwrap();
+        collect(&mut received, 1).await;
+
+        server.stop();
+        support::wait_until_disconnected(&provider).await;
+        server.restart();
+        support::wait_until_connected(&provider).await;
+
+        let after = Message::new("after");
+        let ctx = Context::new().with_timeout(Duration::from_secs(20));
+        provider.publish(&ctx, &topic, after.clone()).await.unwrap();
+        let got = collect(&mut received, 1).await;
+        assert_eq!(got[0].id, after.id);
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
 async fn collect_until(
     received: &mut tokio::sync::mpsc::UnboundedReceiver<Message>,
     last: &[u8],

@@ -224,6 +224,7 @@ impl Consumer {
                         "missed a JetStream heartbeat"
                     ),
                     MessagesErrorKind::ConsumerDeleted
+                    | MessagesErrorKind::NoResponders
                     | MessagesErrorKind::RequestLimitExceeded
                     | MessagesErrorKind::PushBasedConsumer => {
                         tracing::warn!(
@@ -231,7 +232,7 @@ impl Consumer {
                             driver = DRIVER,
                             topic = %self.topic,
                             error = %error,
-                            "the consumer is gone; opening it again"
+                            "the consumer is gone or unreachable; opening it again"
                         );
                         if !self.reopen(&stop).await {
                             break;
@@ -446,7 +447,13 @@ impl Consumer {
         let mut attempt: u32 = 0;
         loop {
             let opened = async {
-                let consumer = open_consumer(&self.stream, &self.settings).await?;
+                // An ephemeral consumer that still exists keeps its place; only a lost one is
+                // created anew (a durable one is looked up by name anyway).
+                let name = self.consumer.cached_info().name.clone();
+                let consumer = match self.stream.consumer_info(&name).await {
+                    Ok(_) if !self.durable => self.consumer.clone(),
+                    _ => open_consumer(&self.stream, &self.settings).await?,
+                };
                 let messages = pull_messages(&consumer, &self.shared.config.consumer).await?;
                 Ok::<_, BoxError>((consumer, messages))
             };
