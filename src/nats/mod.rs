@@ -13,11 +13,12 @@
 //! - **Id** travels in the [`MESSAGE_ID_HEADER`] (`Nats-Msg-Id`), which JetStream also uses to
 //!   drop duplicate publishes within the stream's duplicate window, so publishing the same
 //!   message twice stores it once. **Timestamp** travels in the [`TIMESTAMP_HEADER`] as
-//!   milliseconds since the Unix epoch. Both names are reserved: a message may not carry them
-//!   as its own headers, nor [`ORIGINAL_ID_HEADER`], which a dead letter uses to keep its id
-//!   while its `Nats-Msg-Id` differs from the original's. A message from another client
-//!   without them gets the id `{stream}:{sequence}` (JetStream) or a fresh id (core), and the
-//!   time the stream stored it (JetStream) or the time it arrived (core).
+//!   milliseconds since the Unix epoch. A dead letter keeps its id in the
+//!   [`ORIGINAL_ID_HEADER`] and gets a `Nats-Msg-Id` of its own, so a stream that holds the
+//!   original does not drop it as a duplicate. These three names are reserved: a message may
+//!   not carry them as its own headers. A message from another client without them gets the
+//!   id `{stream}:{sequence}` (JetStream) or a fresh id (core), and the time the stream stored
+//!   it (JetStream) or the time it arrived (core).
 //! - **Trace id** travels in the `trace_id` header (see [`crate::propagation`]).
 //!
 //! # Core NATS: at most once
@@ -54,11 +55,18 @@
 //! terminated. If the dead-letter subject is captured by a stream it is stored there;
 //! otherwise it is a core publish. While a handler runs, the server is told every half
 //! `consumer.ack_wait` that it is still at work; a message whose subscriber vanished is
-//! delivered again after `consumer.ack_wait`. At most `consumer.max_ack_pending` messages are unacknowledged
-//! at once. When a subscription stops, the in-flight handler finishes and is acknowledged,
-//! and messages already pulled but not started are given back with a `nak`.
+//! delivered again after `consumer.ack_wait`. At most `consumer.max_ack_pending` messages are
+//! unacknowledged at once, and a subscription pulls at most 100 at a time. When a
+//! subscription stops, the in-flight handler finishes and is acknowledged, and messages
+//! already pulled but not started are given back with a `nak`. A consumer the server lost
+//! (deleted, or gone with a restart) is created again, starting after the last message the
+//! subscription handled.
 //!
 //! # Connection
+//!
+//! The settings are [`NatsConfig`], the `[brokers.<name>.nats]` table: servers, client name,
+//! one way to authenticate (user and password, token, NKey seed or credentials file), mode,
+//! retry policy, dead-letter subject, and for JetStream the `stream` and `consumer` tables.
 //!
 //! The first connect retries with backoff until the connect context's deadline, so a server
 //! that is still starting is waited for; a refused authentication fails at once. After that
