@@ -21,6 +21,9 @@
 //!   it (JetStream) or the time it arrived (core).
 //! - **Trace id** travels in the `trace_id` header (see [`crate::propagation`]).
 //!
+//! Each subscription handles its messages one at a time, in the order they arrive; more
+//! subscriptions (of one group, to share the work) handle more at once.
+//!
 //! # Core NATS: at most once
 //!
 //! `publish` returns once the message is written and flushed to the server: the server has it,
