@@ -68,7 +68,8 @@
 //! # Connection
 //!
 //! The settings are [`NatsConfig`], the `[brokers.<name>.nats]` table: servers, client name,
-//! one way to authenticate (user and password, token, NKey seed or credentials file), mode,
+//! one way to authenticate (user and password, token, NKey seed or credentials file; without
+//! them, a `user:password@` or `token@` in a URL is used), mode,
 //! retry policy, dead-letter subject, and for JetStream the `stream` and `consumer` tables.
 //!
 //! The first connect retries with backoff until the connect context's deadline, so a server
@@ -98,8 +99,9 @@ use async_nats::connection::State;
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
 use async_trait::async_trait;
 use futures_util::FutureExt;
+use url::Url;
 
-use crate::config::{NatsConfig, NatsMode};
+use crate::config::{NatsConfig, NatsMode, SecretUrl};
 use crate::context::Context;
 use crate::error::{Error, Operation, Origin, Result};
 use crate::handler::{Dispatcher, Handler, Source};
@@ -185,9 +187,11 @@ impl NatsProvider {
                 ),
             });
         }
+        // Credentials in URLs go through the connect options (see `connect_options`): the
+        // client would only log them.
         let servers = config
             .all_urls()
-            .map(|url| ServerAddr::from_url(url.expose().clone()))
+            .map(|url| ServerAddr::from_url(without_credentials(url.expose())))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| Error::broker(origin(), error))?;
         let options = connect_options(name, &config)
@@ -279,6 +283,25 @@ async fn connect_options(name: &str, config: &NatsConfig) -> Result<ConnectOptio
     if let Some(seed) = &config.nkey {
         options = options.nkey(seed.expose().to_owned());
     }
+    let configured = config.token.is_some()
+        || config.user.is_some()
+        || config.nkey.is_some()
+        || config.credentials_file.is_some();
+    if !configured {
+        // The client ignores credentials in server URLs, so they are applied here:
+        // `nats://user:password@host` or `nats://token@host`.
+        if let Some(url) = config
+            .all_urls()
+            .map(SecretUrl::expose)
+            .find(|url| !url.username().is_empty())
+        {
+            let user = percent_decode(url.username());
+            options = match url.password() {
+                Some(password) => options.user_and_password(user, percent_decode(password)),
+                None => options.token(user),
+            };
+        }
+    }
 
     let events_name = name.to_owned();
     let delays_name = name.to_owned();
@@ -303,6 +326,39 @@ async fn connect_options(name: &str, config: &NatsConfig) -> Result<ConnectOptio
             let name = events_name.clone();
             async move { log_event(&name, event) }
         }))
+}
+
+/// `url` without its user and password.
+fn without_credentials(url: &Url) -> Url {
+    let mut bare = url.clone();
+    // Only URLs that cannot carry credentials refuse these, and those have none to remove.
+    let _ = bare.set_username("");
+    let _ = bare.set_password(None);
+    bare
+}
+
+/// `text` with every `%XX` escape of a URL's user or password decoded.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = (bytes[index] == b'%')
+            .then(|| text.get(index + 1..index + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                index += 3;
+            }
+            None => {
+                decoded.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 /// Connects, trying again with backoff until it works, authentication is refused, or the
@@ -541,6 +597,14 @@ impl fmt::Debug for NatsProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_credentials_are_percent_decoded() {
+        assert_eq!(percent_decode("p%40ss%3Aw0rd"), "p@ss:w0rd");
+        assert_eq!(percent_decode("plain"), "plain");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
 
     #[test]
     fn reconnects_back_off_up_to_a_cap() {
