@@ -499,7 +499,11 @@ impl Consumer {
     /// ephemeral consumer.
     async fn leave(mut self) {
         let mut given_back = 0_usize;
-        while let Some(Some(next)) = self.messages.next().now_or_never() {
+        // Bounded: a stream that kept reporting errors must not hold the stop up.
+        for _ in 0..MAX_BATCH * 2 {
+            let Some(Some(next)) = self.messages.next().now_or_never() else {
+                break;
+            };
             if let Ok(message) = next {
                 let _ = message.ack_with(AckKind::Nak(None)).await;
                 given_back += 1;
