@@ -1079,6 +1079,30 @@ fn secrets_never_reach_the_logs() {
     }
 }
 
+#[tokio::test]
+async fn a_durable_name_shared_by_two_topics_is_refused() {
+    within(async {
+        let mut setup = Setup::jetstream();
+        setup.set_durable_name("{group}");
+        let provider = setup.connect().await;
+        let ctx = Context::new();
+        let (handler, _received) = collector();
+        let _first = provider
+            .subscribe_group_fn(&ctx, &setup.topic("a"), "same", handler.clone())
+            .await
+            .unwrap();
+
+        let error = provider
+            .subscribe_group_fn(&ctx, &setup.topic("b"), "same", handler)
+            .await
+            .unwrap_err();
+
+        assert!(error.to_string().contains("{topic}"), "{error}");
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
 async fn collect_until(
     received: &mut tokio::sync::mpsc::UnboundedReceiver<Message>,
     last: &[u8],

@@ -189,6 +189,17 @@ impl Consumer {
         let consumer = open_consumer(&stream, &settings)
             .await
             .map_err(|error| Error::broker(origin(), error))?;
+        let filter = &consumer.cached_info().config.filter_subject;
+        if filter != topic {
+            return Err(Error::broker(
+                origin(),
+                format!(
+                    "the durable consumer `{}` already reads `{filter}`; give \
+                     `consumer.durable_name` a `{{topic}}` so each topic gets its own",
+                    consumer.cached_info().name
+                ),
+            ));
+        }
         let messages = pull_messages(&consumer, &shared.config.consumer)
             .await
             .map_err(|error| Error::broker(origin(), error))?;

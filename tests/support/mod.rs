@@ -149,6 +149,11 @@ impl Setup {
         self.config.consumer.ack_wait = ack_wait;
     }
 
+    /// This setup with another template for durable consumer names.
+    pub fn set_durable_name(&mut self, template: &str) {
+        self.config.consumer.durable_name = template.to_owned();
+    }
+
     /// A subject under this setup's prefix, captured by its stream.
     pub fn topic(&self, name: &str) -> String {
         format!("{}.{name}", self.prefix)
