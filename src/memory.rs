@@ -230,7 +230,7 @@ impl Provider for MemoryProvider {
             dead_letter_topic: dead_letter_topic(&self.config.dead_letter_topic, topic),
         };
 
-        tracing::debug!(connection = %self.shared.name, driver = DRIVER, topic, "subscribed");
+        tracing::debug!(connection = %self.shared.name, driver = %DRIVER, topic, "subscribed");
         Ok(self
             .subscriptions
             .spawn(ctx, topic, |stop| consumer.run(stop)))
@@ -242,7 +242,7 @@ impl Provider for MemoryProvider {
 
     async fn close(&self) -> Result<()> {
         self.subscriptions.close().await;
-        tracing::info!(connection = %self.shared.name, driver = DRIVER, "closed");
+        tracing::info!(connection = %self.shared.name, driver = %DRIVER, "closed");
         Ok(())
     }
 }
@@ -289,7 +289,7 @@ impl Consumer {
         let Some(target) = &self.dead_letter_topic else {
             tracing::error!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 message_id = %message.id,
                 attempts,
@@ -305,7 +305,7 @@ impl Consumer {
         match delivered {
             Ok(()) => tracing::warn!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 dead_letter_topic = %target,
                 message_id = %message.id,
@@ -314,7 +314,7 @@ impl Consumer {
             ),
             Err(_) => tracing::error!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 dead_letter_topic = %target,
                 message_id = %message.id,

@@ -101,7 +101,7 @@ impl KafkaProvider {
             .await?;
 
         let client = Arc::new(client);
-        tracing::info!(connection = name, driver = DRIVER, brokers = ?config.brokers, "connected");
+        tracing::debug!(connection = name, driver = %DRIVER, brokers = ?config.brokers, "connected");
         Ok(KafkaProvider {
             shared: Arc::new(Shared {
                 name: name.to_owned(),
@@ -259,7 +259,7 @@ impl Provider for KafkaProvider {
 
     async fn close(&self) -> Result<()> {
         self.subscriptions.close().await;
-        tracing::info!(connection = %self.shared.name, driver = DRIVER, "closed");
+        tracing::info!(connection = %self.shared.name, driver = %DRIVER, "closed");
         Ok(())
     }
 }
