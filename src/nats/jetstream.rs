@@ -141,7 +141,16 @@ pub(super) async fn publish(
         let delay = Duration::from_millis(50)
             .saturating_mul(2u32.saturating_pow(attempt.min(6)))
             .min(Duration::from_secs(2));
-        tracing::debug!(subject, attempt, error = %error, "publish not acknowledged; trying again");
+        if attempt == 1 || attempt % 20 == 0 {
+            tracing::info!(
+                driver = DRIVER,
+                subject,
+                attempt,
+                delay_ms = delay.as_millis(),
+                error = %error,
+                "JetStream did not acknowledge the publish; trying again until the deadline"
+            );
+        }
         tokio::time::sleep(delay).await;
     }
 }
