@@ -102,6 +102,7 @@ fn stream_config(settings: &NatsStreamConfig) -> stream::Config {
 /// unreachable. The message carries its id in `Nats-Msg-Id`, so the stream stores it once
 /// however often it is sent.
 pub(super) async fn publish(
+    connection: &str,
     context: &js::Context,
     subject: &str,
     headers: HeaderMap,
@@ -143,6 +144,7 @@ pub(super) async fn publish(
             .min(Duration::from_secs(2));
         if attempt == 1 || attempt % 20 == 0 {
             tracing::info!(
+                connection,
                 driver = DRIVER,
                 subject,
                 attempt,
@@ -439,7 +441,15 @@ impl Consumer {
             return super::core::publish(&self.shared.client, target, headers, dead.body.clone())
                 .await;
         };
-        match publish(context, target, headers.clone(), dead.body.clone()).await {
+        match publish(
+            &self.shared.name,
+            context,
+            target,
+            headers.clone(),
+            dead.body.clone(),
+        )
+        .await
+        {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == PublishErrorKind::StreamNotFound => {
                 tracing::warn!(

@@ -471,9 +471,11 @@ impl Provider for NatsProvider {
                 None => core::publish(&self.shared.client, topic, headers, message.body)
                     .await
                     .map_err(|error| Error::broker(origin(), error)),
-                Some(context) => jetstream::publish(context, topic, headers, message.body)
-                    .await
-                    .map_err(|error| Error::broker(origin(), error)),
+                Some(context) => {
+                    jetstream::publish(&self.shared.name, context, topic, headers, message.body)
+                        .await
+                        .map_err(|error| Error::broker(origin(), error))
+                }
             }
         })
         .await
