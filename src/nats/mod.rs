@@ -80,6 +80,23 @@
 //! sent once the connection is back. Every error names the connection, the operation and the
 //! subject.
 //!
+//! # Errors
+//!
+//! Each error's [`Origin`] names the connection, the operation and the subject (the server
+//! addresses for connect, ping and close):
+//!
+//! - [`Error::Broker`] when the server or the client failed: refused authentication, no stream
+//!   captures a subject, a publish the stream rejected, a consumer that cannot be created. The
+//!   async-nats error is its [`source`](std::error::Error::source).
+//! - [`Error::Cancelled`] and [`Error::DeadlineExceeded`] when the context stopped the
+//!   operation, for example a publish during an outage.
+//! - [`Error::Unsupported`] for a message whose headers NATS cannot carry, and for TLS and
+//!   WebSocket URLs.
+//! - [`Error::Closed`] for any operation after [`Provider::close`].
+//!
+//! Handler failures are not errors of an operation: they are logged (with the trace id) and
+//! dead-lettered as described above.
+//!
 //! Only `nats://` URLs are supported so far: TLS and WebSocket connections are refused with
 //! [`Error::Unsupported`].
 //!
