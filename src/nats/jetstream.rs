@@ -666,6 +666,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_group_gets_a_durable_consumer_and_no_group_an_ephemeral_one() {
+        let settings = NatsConsumerConfig::default();
+
+        let durable = consumer_config(&settings, "orders.created", Some("billing"));
+        let ephemeral = consumer_config(&settings, "orders.created", None);
+
+        assert_eq!(
+            durable.durable_name.as_deref(),
+            Some("billing-orders_created")
+        );
+        assert_eq!(durable.ack_policy, AckPolicy::Explicit);
+        assert_eq!(durable.filter_subject, "orders.created");
+        assert_eq!(durable.max_deliver, -1);
+        assert_eq!(durable.max_ack_pending, settings.max_ack_pending);
+        assert_eq!(ephemeral.durable_name, None);
+        assert_eq!(ephemeral.inactive_threshold, EPHEMERAL_INACTIVE_THRESHOLD);
+        assert_eq!(ephemeral.deliver_policy, DeliverPolicy::New);
+    }
+
+    #[test]
     fn durable_names_hold_only_allowed_characters() {
         assert_eq!(
             durable_name("{group}-{topic}", "billing", "orders.*.created"),
