@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MemoryConfig;
 use crate::context::{Context, new_id};
-use crate::error::{Error, Operation, Origin, Result};
+use crate::error::{Operation, Origin, Result};
 use crate::handler::{Dispatcher, Handler, Outcome, Source};
 use crate::message::Message;
 use crate::propagation;
@@ -99,12 +99,8 @@ impl MemoryProvider {
     }
 
     fn check_open(&self, operation: Operation, target: &str) -> Result<()> {
-        if self.subscriptions.is_closing() {
-            return Err(Error::Closed {
-                origin: self.origin(operation, target),
-            });
-        }
-        Ok(())
+        self.subscriptions
+            .check_open(|| self.origin(operation, target))
     }
 }
 

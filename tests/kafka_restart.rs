@@ -3,11 +3,9 @@
 //! outage.
 
 mod conformance;
+mod support;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,91 +13,7 @@ use broker::config::KafkaConfig;
 use broker::kafka::KafkaProvider;
 use broker::{Context, Message, Provider, RetryPolicy, SubscribeOptions};
 use conformance::{Inbox, TIMEOUT};
-
-/// A nisshi process of this test's own; killed when dropped, even if the test fails.
-struct Nisshi {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Nisshi {
-    fn start() -> Nisshi {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("broker-nisshi-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut nisshi = Nisshi {
-            child: None,
-            port,
-            dir,
-        };
-        nisshi.spawn();
-        nisshi
-    }
-
-    fn binary() -> PathBuf {
-        if let Ok(path) = std::env::var("NISSHI") {
-            return path.into();
-        }
-        let home = std::env::var("CARGO_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
-        let installed = home.join("bin/nisshi");
-        if installed.exists() {
-            installed
-        } else {
-            PathBuf::from("nisshi")
-        }
-    }
-
-    fn spawn(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(Nisshi::binary())
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://nisshi.db"])
-            .current_dir(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| {
-                panic!("cannot start nisshi (scripts/brokers installs it): {error}")
-            });
-        self.child = Some(child);
-        self.wait_until_it_answers();
-    }
-
-    fn wait_until_it_answers(&self) {
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("nisshi did not answer on port {}", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-}
-
-impl Drop for Nisshi {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use support::Nisshi;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_acknowledged_is_lost_across_a_broker_restart() {

@@ -4,7 +4,7 @@
 //! ports.
 
 mod conformance;
-mod support;
+mod nats_support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use broker::{Context, Error, Manager, Message, Provider, ProviderExt};
 use conformance::Driver;
 use futures_util::StreamExt;
 
-use support::{NatsServer, Setup, collect, collector, nats_url, unique, within};
+use nats_support::{NatsServer, Setup, collect, collector, nats_url, unique, within};
 
 /// Core NATS. Its checks of retries and dead letters run too: the driver retries a failed
 /// handler in-process and publishes the dead letter itself, though the server never
@@ -35,7 +35,7 @@ impl Driver for CoreNats {
     }
 
     async fn dead_broker_error(&self) -> Result<Error, &'static str> {
-        Ok(support::dead_server_error().await)
+        Ok(nats_support::dead_server_error().await)
     }
 }
 
@@ -49,7 +49,7 @@ impl Driver for JetStreamNats {
     }
 
     async fn dead_broker_error(&self) -> Result<Error, &'static str> {
-        Ok(support::dead_server_error().await)
+        Ok(nats_support::dead_server_error().await)
     }
 
     fn topic(&self) -> String {
@@ -477,7 +477,7 @@ async fn the_manager_connects_nats_and_gives_the_native_client() {
 #[tokio::test]
 async fn first_connect_waits_for_a_server_that_is_still_starting() {
     within(async {
-        let port = support::free_port();
+        let port = nats_support::free_port();
         let setup = Setup::core().at(&format!("nats://127.0.0.1:{port}"));
         let connecting = tokio::spawn(async move {
             let ctx = Context::new().with_timeout(Duration::from_secs(20));
@@ -497,7 +497,7 @@ async fn first_connect_waits_for_a_server_that_is_still_starting() {
 #[tokio::test]
 async fn connecting_to_nothing_stops_at_the_deadline() {
     within(async {
-        let port = support::free_port();
+        let port = nats_support::free_port();
         let setup = Setup::core().at(&format!("nats://127.0.0.1:{port}"));
         let ctx = Context::new().with_timeout(Duration::from_millis(700));
 
@@ -514,7 +514,7 @@ async fn connecting_to_nothing_stops_at_the_deadline() {
 #[tokio::test]
 async fn core_subscription_resumes_after_a_server_restart() {
     within(async {
-        let port = support::free_port();
+        let port = nats_support::free_port();
         let mut server = NatsServer::start(port);
         let provider = Setup::core().at(&server.url()).connect().await;
         let topic = unique("restart");
@@ -531,7 +531,7 @@ async fn core_subscription_resumes_after_a_server_restart() {
         assert_eq!(&collect(&mut received, 1).await[0].body[..], b"before");
 
         server.stop();
-        support::wait_until_disconnected(&provider).await;
+        nats_support::wait_until_disconnected(&provider).await;
         let ping = provider.ping(&Context::new()).await.unwrap_err();
         assert!(matches!(ping, Error::Broker { .. }), "{ping}");
         let down = Context::new().with_timeout(Duration::from_millis(500));
@@ -543,7 +543,7 @@ async fn core_subscription_resumes_after_a_server_restart() {
         assert!(error.to_string().contains(&topic), "{error}");
 
         server.restart();
-        support::wait_until_connected(&provider).await;
+        nats_support::wait_until_connected(&provider).await;
         let after = Context::new().with_timeout(Duration::from_secs(10));
         provider
             .publish(&after, &topic, Message::new("after"))
@@ -562,7 +562,7 @@ async fn core_subscription_resumes_after_a_server_restart() {
 #[tokio::test]
 async fn jetstream_loses_nothing_acknowledged_across_a_server_restart() {
     within(async {
-        let port = support::free_port();
+        let port = nats_support::free_port();
         let mut server = NatsServer::start(port);
         let setup = Setup::jetstream().at(&server.url()).file_storage();
         let provider = setup.connect().await;
@@ -583,7 +583,7 @@ async fn jetstream_loses_nothing_acknowledged_across_a_server_restart() {
         collect(&mut received, 5).await;
 
         server.stop();
-        support::wait_until_disconnected(&provider).await;
+        nats_support::wait_until_disconnected(&provider).await;
         let short = Context::new().with_timeout(Duration::from_millis(700));
         let error = provider
             .publish(&short, &topic, Message::new("given up"))
@@ -629,7 +629,7 @@ async fn jetstream_loses_nothing_acknowledged_across_a_server_restart() {
 #[tokio::test]
 async fn user_and_password_authenticate_and_a_wrong_one_fails_at_once() {
     within(async {
-        let port = support::free_port();
+        let port = nats_support::free_port();
         let _server = NatsServer::start_with(port, &["--user", "alice", "--pass", "hunter2"]);
         let mut right = Setup::core()
             .at(&format!("nats://127.0.0.1:{port}"))
@@ -663,7 +663,7 @@ async fn user_and_password_authenticate_and_a_wrong_one_fails_at_once() {
 #[tokio::test]
 async fn a_token_authenticates_and_stays_out_of_debug_output() {
     within(async {
-        let port = support::free_port();
+        let port = nats_support::free_port();
         let _server = NatsServer::start_with(port, &["--auth", "s3cr3t-token"]);
         let mut config = Setup::core()
             .at(&format!("nats://127.0.0.1:{port}"))
@@ -715,7 +715,7 @@ async fn a_server_that_demands_tls_gives_an_error_not_a_panic() {
             println!("skipped: openssl cannot make a certificate here");
             return;
         }
-        let port = support::free_port();
+        let port = nats_support::free_port();
         let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
         let _server =
             NatsServer::start_with(port, &["--tls", "--tlscert", &cert, "--tlskey", &key]);
@@ -778,7 +778,7 @@ async fn core_subscription_fails_over_to_another_node_of_a_cluster() {
     within(async {
         let cluster = unique("cluster");
         let ports: Vec<(u16, u16)> = (0..3)
-            .map(|_| (support::free_port(), support::free_port()))
+            .map(|_| (nats_support::free_port(), nats_support::free_port()))
             .collect();
         let routes = ports
             .iter()
@@ -851,7 +851,7 @@ async fn core_subscription_fails_over_to_another_node_of_a_cluster() {
             assert!(std::time::Instant::now() < deadline, "no failover");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        support::wait_until_connected(&subscriber).await;
+        nats_support::wait_until_connected(&subscriber).await;
 
         while received.try_recv().is_ok() {}
         let after = pump(&publisher, &topic, "after");
@@ -989,7 +989,7 @@ async fn a_required_stream_that_is_missing_fails_the_connect_naming_it() {
 #[tokio::test]
 async fn a_jetstream_subscriber_without_a_group_resumes_after_a_server_restart() {
     within(async {
-        let port = support::free_port();
+        let port = nats_support::free_port();
         let mut server = NatsServer::start(port);
         let setup = Setup::jetstream().at(&server.url()).file_storage();
         let provider = setup.connect().await;
@@ -1006,9 +1006,9 @@ async fn a_jetstream_subscriber_without_a_group_resumes_after_a_server_restart()
         collect(&mut received, 1).await;
 
         server.stop();
-        support::wait_until_disconnected(&provider).await;
+        nats_support::wait_until_disconnected(&provider).await;
         server.restart();
-        support::wait_until_connected(&provider).await;
+        nats_support::wait_until_connected(&provider).await;
 
         let after = Message::new("after");
         let ctx = Context::new().with_timeout(Duration::from_secs(20));
@@ -1024,7 +1024,7 @@ async fn a_jetstream_subscriber_without_a_group_resumes_after_a_server_restart()
 /// and a token in URLs, publishing, closing and being refused: no secret appears.
 #[test]
 fn secrets_never_reach_the_logs() {
-    let logs = support::LogCapture::default();
+    let logs = nats_support::LogCapture::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
         .with_writer(logs.clone())
@@ -1037,7 +1037,7 @@ fn secrets_never_reach_the_logs() {
 
     tracing::subscriber::with_default(subscriber, || {
         runtime.block_on(async {
-            let port = support::free_port();
+            let port = nats_support::free_port();
             let _server = NatsServer::start_with(port, &["--user", "alice", "--pass", "pa55-w0rd"]);
             let url = format!("nats://alice:pa55-w0rd@127.0.0.1:{port}");
             let ctx = Context::new().with_timeout(Duration::from_secs(15));
@@ -1052,7 +1052,7 @@ fn secrets_never_reach_the_logs() {
             tracing::info!(provider = %provider, debug = ?provider, "connected");
             provider.close().await.unwrap();
 
-            let token_port = support::free_port();
+            let token_port = nats_support::free_port();
             let _token_server = NatsServer::start_with(token_port, &["--auth", "t0ken-s3cret"]);
             let token_url = format!("nats://t0ken-s3cret@127.0.0.1:{token_port}");
             let provider = Setup::core().at(&token_url).connect().await;
