@@ -269,12 +269,8 @@ impl NatsProvider {
     }
 
     fn check_open(&self, operation: Operation, target: &str) -> Result<()> {
-        if self.subscriptions.is_closing() {
-            return Err(Error::Closed {
-                origin: self.shared.origin(operation, target),
-            });
-        }
-        Ok(())
+        self.subscriptions
+            .check_open(|| self.shared.origin(operation, target))
     }
 }
 
