@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use broker::config::{NatsMode, Secret, SecretUrl};
+use broker::config::{Secret, SecretUrl};
 use broker::nats::NatsProvider;
 use broker::propagation::{
     DEAD_LETTER_ATTEMPTS_HEADER, DEAD_LETTER_ERROR_HEADER, DEAD_LETTER_TOPIC_HEADER,
@@ -21,7 +21,10 @@ use broker::{Context, Error, Manager, Message, Provider, ProviderExt};
 use conformance::Driver;
 use futures_util::StreamExt;
 
-use nats_support::{NatsServer, Setup, collect, collector, nats_url, unique, within};
+use nats_support::{
+    NatsServer, Setup, assert_no_more, collect, collect_until, collect_until_prefix, collector,
+    nats_url, pump, unique, within,
+};
 
 /// Core NATS. Its checks of retries and dead letters run too: the driver retries a failed
 /// handler in-process and publishes the dead letter itself, though the server never
@@ -865,37 +868,6 @@ async fn core_subscription_fails_over_to_another_node_of_a_cluster() {
     .await;
 }
 
-/// Publishes `{label} {n}` to `topic` every 100 ms until aborted (at most 20 s).
-fn pump(
-    publisher: &Arc<NatsProvider>,
-    topic: &str,
-    label: &'static str,
-) -> tokio::task::JoinHandle<()> {
-    let publisher = Arc::clone(publisher);
-    let topic = topic.to_owned();
-    tokio::spawn(async move {
-        for n in 0..200 {
-            let ctx = Context::new().with_timeout(Duration::from_secs(5));
-            let message = Message::new(format!("{label} {n}"));
-            let _ = publisher.publish(&ctx, &topic, message).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-}
-
-/// The first message whose body starts with `prefix`, skipping stragglers of earlier pumps.
-async fn collect_until_prefix(
-    received: &mut tokio::sync::mpsc::UnboundedReceiver<Message>,
-    prefix: &[u8],
-) -> Message {
-    loop {
-        let message = collect(received, 1).await.remove(0);
-        if message.body.starts_with(prefix) {
-            return message;
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_handler_slower_than_ack_wait_is_not_given_the_message_twice() {
     within(async {
@@ -1101,31 +1073,4 @@ async fn a_durable_name_shared_by_two_topics_is_refused() {
         provider.close().await.unwrap();
     })
     .await;
-}
-
-async fn collect_until(
-    received: &mut tokio::sync::mpsc::UnboundedReceiver<Message>,
-    last: &[u8],
-) -> Vec<Vec<u8>> {
-    let mut bodies = Vec::new();
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(20), received.recv())
-            .await
-            .expect("the message arrives")
-            .unwrap();
-        bodies.push(message.body.to_vec());
-        if message.body == last {
-            return bodies;
-        }
-    }
-}
-
-async fn assert_no_more(received: &mut tokio::sync::mpsc::UnboundedReceiver<Message>) {
-    let extra = tokio::time::timeout(Duration::from_millis(300), received.recv()).await;
-    assert!(extra.is_err(), "an extra delivery: {extra:?}");
-}
-
-#[test]
-fn nats_mode_defaults_to_core() {
-    assert_eq!(NatsMode::default(), NatsMode::Core);
 }

@@ -334,3 +334,55 @@ impl Drop for NatsServer {
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }
+
+/// Publishes `{label} {n}` to `topic` every 100 ms until aborted (at most 20 s).
+pub fn pump(
+    publisher: &Arc<NatsProvider>,
+    topic: &str,
+    label: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    let publisher = Arc::clone(publisher);
+    let topic = topic.to_owned();
+    tokio::spawn(async move {
+        for n in 0..200 {
+            let ctx = Context::new().with_timeout(Duration::from_secs(5));
+            let message = Message::new(format!("{label} {n}"));
+            let _ = publisher.publish(&ctx, &topic, message).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// The first message whose body starts with `prefix`, skipping stragglers of earlier pumps.
+pub async fn collect_until_prefix(
+    received: &mut UnboundedReceiver<Message>,
+    prefix: &[u8],
+) -> Message {
+    loop {
+        let message = collect(received, 1).await.remove(0);
+        if message.body.starts_with(prefix) {
+            return message;
+        }
+    }
+}
+
+/// The bodies of the messages that arrive up to and including the one whose body is `last`.
+pub async fn collect_until(received: &mut UnboundedReceiver<Message>, last: &[u8]) -> Vec<Vec<u8>> {
+    let mut bodies = Vec::new();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(20), received.recv())
+            .await
+            .expect("the message arrives")
+            .unwrap();
+        bodies.push(message.body.to_vec());
+        if message.body == last {
+            return bodies;
+        }
+    }
+}
+
+/// Fails if another message arrives within 300 ms.
+pub async fn assert_no_more(received: &mut UnboundedReceiver<Message>) {
+    let extra = tokio::time::timeout(Duration::from_millis(300), received.recv()).await;
+    assert!(extra.is_err(), "an extra delivery: {extra:?}");
+}
