@@ -308,6 +308,59 @@ async fn core_failing_handler_is_retried_in_process_then_dead_lettered() {
 }
 
 #[tokio::test]
+async fn a_wildcard_subscription_dead_letters_by_subject_and_never_twice() {
+    within(async {
+        let setup = Setup::jetstream();
+        let provider = setup.connect().await;
+        let ctx = Context::new();
+        let failures = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&failures);
+        // `>` also matches the dead-letter subjects, so this subscription gets its dead letters.
+        let _everything = provider
+            .subscribe_group_fn(
+                &ctx,
+                &setup.topic(">"),
+                "greedy",
+                move |_ctx: Context, _message: Message| {
+                    let counted = Arc::clone(&counted);
+                    async move {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        Err::<(), _>(std::io::Error::other("never"))
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        let (dead_handler, mut dead) = collector();
+        let _dead = provider
+            .subscribe_fn(&ctx, &setup.topic("eu.dlq.>"), dead_handler.clone())
+            .await
+            .unwrap();
+        let _exact = provider
+            .subscribe_fn(&ctx, &setup.topic("eu.dlq"), dead_handler)
+            .await
+            .unwrap();
+
+        let sent = Message::new("bad");
+        provider
+            .publish(&ctx, &setup.topic("eu"), sent.clone())
+            .await
+            .unwrap();
+
+        let letter = collect(&mut dead, 1).await.remove(0);
+        assert_eq!(letter.id, sent.id);
+        let eu = setup.topic("eu");
+        assert_eq!(letter.header(DEAD_LETTER_TOPIC_HEADER), Some(eu.as_str()));
+        // The dead letter fails three more times in the greedy subscription, then stops there.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_no_more(&mut dead).await;
+        assert_eq!(failures.load(Ordering::SeqCst), 6);
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn jetstream_duplicate_publish_is_stored_once() {
     within(async {
         let setup = Setup::jetstream();

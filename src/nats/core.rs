@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{DEAD_LETTER_TIMEOUT, DRIVER, Shared, codec};
+use super::{DEAD_LETTER_TIMEOUT, DRIVER, DeadLetter, Shared, codec};
 use crate::context::new_id;
 use crate::error::{BoxError, Error, Operation, Result};
 use crate::handler::{Dispatcher, Outcome};
@@ -99,6 +99,7 @@ impl Consumer {
                     None => break,
                 },
             };
+            let subject = delivered.subject.to_string();
             let message = codec::decode(
                 delivered.headers.as_ref(),
                 delivered.payload,
@@ -109,7 +110,7 @@ impl Consumer {
             match self.dispatcher.dispatch(&message, &stop).await {
                 Outcome::Handled => {}
                 Outcome::Failed { error, attempts } => {
-                    self.dead_letter(&message, &error.to_string(), attempts)
+                    self.dead_letter(&subject, &message, &error.to_string(), attempts)
                         .await;
                 }
                 Outcome::Interrupted => {
@@ -129,24 +130,30 @@ impl Consumer {
         self.leave().await;
     }
 
-    /// Publishes a message every attempt failed on to the dead-letter subject, and logs it.
-    async fn dead_letter(&self, message: &Message, error: &str, attempts: u32) {
+    /// Publishes a message from `subject` every attempt failed on to the dead-letter subject,
+    /// and logs it.
+    async fn dead_letter(&self, subject: &str, message: &Message, error: &str, attempts: u32) {
         let trace_id = message.trace_id().unwrap_or_default();
-        let Some(target) = self.shared.dead_letter_subject(&self.topic) else {
-            tracing::error!(
-                connection = %self.shared.name,
-                driver = DRIVER,
-                topic = %self.topic,
-                message_id = %message.id,
-                trace_id,
-                attempts,
-                error,
-                "handler failed on every attempt and no dead-letter subject is set: message dropped"
-            );
-            return;
+        let target = match self.shared.dead_letter_target(subject, message) {
+            DeadLetter::To(target) => target,
+            dropped => {
+                tracing::error!(
+                    connection = %self.shared.name,
+                    driver = DRIVER,
+                    topic = %self.topic,
+                    subject,
+                    message_id = %message.id,
+                    trace_id,
+                    attempts,
+                    error,
+                    reason = dropped.reason(),
+                    "handler failed on every attempt: message dropped"
+                );
+                return;
+            }
         };
 
-        let dead = propagation::dead_letter(message, &self.topic, error, attempts);
+        let dead = propagation::dead_letter(message, subject, error, attempts);
         let sent = match codec::encode_dead_letter(&dead) {
             Ok(headers) => tokio::time::timeout(
                 DEAD_LETTER_TIMEOUT,

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{DEAD_LETTER_TIMEOUT, DRIVER, Shared, codec};
+use super::{DEAD_LETTER_TIMEOUT, DRIVER, DeadLetter, Shared, codec};
 use crate::config::{
     NatsConfig, NatsConsumerConfig, NatsDeliver, NatsMissingStream, NatsRetention, NatsStorage,
     NatsStreamConfig,
@@ -377,23 +377,28 @@ impl Consumer {
         attempts: u32,
     ) {
         let trace_id = message.trace_id().unwrap_or_default();
-        let Some(target) = self.shared.dead_letter_subject(&self.topic) else {
-            tracing::error!(
-                connection = %self.shared.name,
-                driver = DRIVER,
-                topic = %self.topic,
-                message_id = %message.id,
-                trace_id,
-                attempts,
-                error,
-                "handler failed on every delivery and no dead-letter subject is set: \
-                 message terminated"
-            );
-            self.acknowledge(delivered, message, AckKind::Term).await;
-            return;
+        let subject = delivered.subject.as_str();
+        let target = match self.shared.dead_letter_target(subject, message) {
+            DeadLetter::To(target) => target,
+            dropped => {
+                tracing::error!(
+                    connection = %self.shared.name,
+                    driver = DRIVER,
+                    topic = %self.topic,
+                    subject,
+                    message_id = %message.id,
+                    trace_id,
+                    attempts,
+                    error,
+                    reason = dropped.reason(),
+                    "handler failed on every delivery: message terminated"
+                );
+                self.acknowledge(delivered, message, AckKind::Term).await;
+                return;
+            }
         };
 
-        let dead = propagation::dead_letter(message, &self.topic, error, attempts);
+        let dead = propagation::dead_letter(message, subject, error, attempts);
         let sent = tokio::time::timeout(DEAD_LETTER_TIMEOUT, self.publish_dead(&target, &dead))
             .await
             .unwrap_or_else(|_| Err("timed out".into()));

@@ -94,6 +94,15 @@
 //!   WebSocket URLs.
 //! - [`Error::Closed`] for any operation after [`Provider::close`].
 //!
+//! # Dead letters
+//!
+//! The dead-letter subject is made from the subject the message was published to, so a
+//! wildcard subscription to `orders.*` dead-letters a message of `orders.eu` to
+//! `orders.eu.dlq`. A subscription whose pattern also matches its dead-letter subjects (for
+//! example `orders.>`) receives its own dead letters; one that fails again is dropped (core)
+//! or terminated (JetStream) rather than dead-lettered a second time. A template outside the
+//! pattern, such as `dlq.{topic}`, avoids that.
+//!
 //! Handler failures are not errors of an operation: they are logged (with the trace id) and
 //! dead-lettered as described above.
 //!
@@ -173,10 +182,41 @@ impl Shared {
         }
     }
 
-    /// The dead-letter subject for messages from `topic`, unless dead-lettering is off.
-    fn dead_letter_subject(&self, topic: &str) -> Option<String> {
+    /// Where a message from `subject` goes once every attempt to handle it failed.
+    fn dead_letter_target(&self, subject: &str, message: &Message) -> DeadLetter {
         let template = &self.config.dead_letter_subject;
-        (!template.is_empty()).then(|| template.replace("{topic}", topic))
+        if template.is_empty() {
+            DeadLetter::Off
+        } else if message
+            .header(propagation::DEAD_LETTER_TOPIC_HEADER)
+            .is_some()
+        {
+            DeadLetter::AlreadyDead
+        } else {
+            DeadLetter::To(template.replace("{topic}", subject))
+        }
+    }
+}
+
+/// Where a message goes once every attempt to handle it failed.
+enum DeadLetter {
+    /// To this subject.
+    To(String),
+    /// Nowhere: dead-lettering is off.
+    Off,
+    /// Nowhere: it is a dead letter already (a subscription that also reads its dead-letter
+    /// subjects), and dead-lettering it again could loop.
+    AlreadyDead,
+}
+
+impl DeadLetter {
+    /// Why a message is dropped instead of dead-lettered, for the logs.
+    fn reason(&self) -> &'static str {
+        match self {
+            DeadLetter::To(_) => "",
+            DeadLetter::Off => "no dead-letter subject is set",
+            DeadLetter::AlreadyDead => "it is a dead letter already and is not dead-lettered twice",
+        }
     }
 }
 

@@ -68,8 +68,8 @@ pub struct NatsConfig {
     /// `attempts` is the number of deliveries and the backoff is the `nak` delay.
     #[serde(default)]
     pub retry: RetryPolicy,
-    /// The subject failed messages go to; `{topic}` is replaced by their subject. Empty turns
-    /// dead-lettering off.
+    /// The subject failed messages go to; `{topic}` is replaced by the subject they were
+    /// published to. Empty turns dead-lettering off.
     #[serde(default = "default_dead_letter")]
     pub dead_letter_subject: String,
     /// JetStream: the stream that captures the topics. Without it each subscription looks the
