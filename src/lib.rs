@@ -60,6 +60,8 @@ pub mod kafka;
 mod manager;
 pub mod memory;
 mod message;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod propagation;
 mod provider;
 mod subscription;

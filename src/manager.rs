@@ -153,6 +153,10 @@ async fn connect(ctx: &Context, name: &str, settings: DriverConfig) -> Result<Ar
         DriverConfig::Kafka(settings) => Ok(Arc::new(
             crate::kafka::KafkaProvider::connect(ctx, name, settings).await?,
         )),
+        #[cfg(feature = "nats")]
+        DriverConfig::Nats(settings) => Ok(Arc::new(
+            crate::nats::NatsProvider::connect(ctx, name, settings).await?,
+        )),
         _ => {
             ctx.check(|| Origin::new(driver, name, Operation::Connect, ""))?;
             Err(Error::Unsupported {

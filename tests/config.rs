@@ -79,7 +79,12 @@ fn the_reference_and_memory_configurations_parse() {
         .values()
         .map(DriverConfig::driver)
         .collect();
-    assert_eq!(drivers, ["kafka", "memory", "nats", "nats", "rabbitmq"]);
+    assert_eq!(
+        drivers,
+        [
+            "kafka", "memory", "nats", "nats", "nats", "nats", "rabbitmq"
+        ]
+    );
     assert!(memory.brokers.values().all(|c| c.driver() == "memory"));
 }
 

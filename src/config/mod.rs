@@ -35,6 +35,10 @@ pub use drivers::{
     Assignor, ExchangeKind, KafkaCompression, KafkaConfig, KafkaSasl, MemoryConfig, NatsConfig,
     NatsMode, RabbitMqConfig, SaslMechanism, StartOffset,
 };
+pub use drivers::{
+    NatsConsumerConfig, NatsDeliver, NatsMissingStream, NatsRetention, NatsStorage,
+    NatsStreamConfig,
+};
 pub use secret::{Secret, SecretUrl};
 
 /// The configuration of every named connection.

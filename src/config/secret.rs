@@ -69,6 +69,9 @@ impl SecretUrl {
         if url.password().is_some() {
             // Only URLs that cannot have a password refuse this, and this one has one.
             let _ = url.set_password(Some("***"));
+        } else if !url.username().is_empty() {
+            // A user without a password is how NATS URLs carry a token (`nats://token@host`).
+            let _ = url.set_username("***");
         }
         url
     }
@@ -107,6 +110,14 @@ mod tests {
         assert_eq!(format!("{secret:?}"), "\"***\"");
         assert_eq!(secret.to_string(), "***");
         assert_eq!(secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn a_token_in_place_of_the_user_is_hidden() {
+        let url = SecretUrl::parse("nats://s3cr3t-token@localhost:4222").unwrap();
+
+        assert_eq!(url.to_string(), "nats://***@localhost:4222");
+        assert!(!format!("{url:?}").contains("s3cr3t-token"));
     }
 
     #[test]

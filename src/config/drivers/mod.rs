@@ -11,7 +11,10 @@ use crate::handler::RetryPolicy;
 
 pub use kafka::{Assignor, KafkaCompression, KafkaConfig, KafkaSasl, SaslMechanism, StartOffset};
 pub use memory::MemoryConfig;
-pub use nats::{NatsConfig, NatsMode};
+pub use nats::{
+    NatsConfig, NatsConsumerConfig, NatsDeliver, NatsMissingStream, NatsMode, NatsRetention,
+    NatsStorage, NatsStreamConfig,
+};
 pub use rabbitmq::{ExchangeKind, RabbitMqConfig};
 
 /// The keys of the `retry` table every driver has, for environment overrides.
