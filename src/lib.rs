@@ -60,6 +60,8 @@ pub mod memory;
 mod message;
 pub mod propagation;
 mod provider;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 mod subscription;
 
 pub use config::{Config, ConfigError, ConfigErrorKind};

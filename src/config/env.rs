@@ -109,6 +109,11 @@ fn parse_value(text: &str, kind: ValueKind) -> Result<toml::Value, String> {
                 .parse()
                 .map_err(|_| format!("`{text}` is not a number"))?,
         ),
+        ValueKind::Boolean => toml::Value::Boolean(
+            text.trim()
+                .parse()
+                .map_err(|_| format!("`{text}` is not `true` or `false`"))?,
+        ),
         ValueKind::List => toml::Value::Array(
             text.split(',')
                 .map(str::trim)

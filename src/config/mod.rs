@@ -159,6 +159,7 @@ enum ValueKind {
     Text,
     Integer,
     Float,
+    Boolean,
     List,
 }
 

@@ -1,5 +1,7 @@
 //! `[brokers.<name>.rabbitmq]`.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use super::*;
@@ -44,7 +46,49 @@ pub struct RabbitMqConfig {
     /// The exchange failed messages go to; `{exchange}` is replaced by `exchange`.
     #[serde(default = "default_dead_letter_exchange")]
     pub dead_letter_exchange: String,
+    /// The name of a consumer group's durable queue; `{topic}` and `{group}` are replaced.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    /// Whether `publish` waits for the broker's publisher confirm.
+    #[serde(default = "default_true")]
+    pub confirms: bool,
+    /// The heartbeat interval asked of the server (whole seconds; zero turns heartbeats off).
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// The name the connection shows in the management UI; the connection's own name when
+    /// unset.
+    #[serde(default)]
+    pub connection_name: Option<String>,
+    /// The first wait before reconnecting after the connection was lost.
+    #[serde(default = "default_reconnect_backoff", with = "humantime_serde")]
+    pub reconnect_backoff: Duration,
+    /// The longest wait between two reconnection attempts.
+    #[serde(default = "default_reconnect_max_backoff", with = "humantime_serde")]
+    pub reconnect_max_backoff: Duration,
 }
+
+fn default_queue() -> String {
+    "{topic}.{group}".to_owned()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_reconnect_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_reconnect_max_backoff() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// AMQP short strings (names, routing keys) hold at most this many bytes.
+const MAX_NAME_BYTES: usize = 255;
 
 impl Default for RabbitMqConfig {
     fn default() -> Self {
@@ -56,6 +100,12 @@ impl Default for RabbitMqConfig {
             prefetch: default_prefetch(),
             retry: RetryPolicy::default(),
             dead_letter_exchange: default_dead_letter_exchange(),
+            queue: default_queue(),
+            confirms: true,
+            heartbeat: default_heartbeat(),
+            connection_name: None,
+            reconnect_backoff: default_reconnect_backoff(),
+            reconnect_max_backoff: default_reconnect_max_backoff(),
         }
     }
 }
@@ -64,6 +114,19 @@ impl RabbitMqConfig {
     /// Every configured server URL: `url` first, then `urls`.
     pub fn all_urls(&self) -> impl Iterator<Item = &SecretUrl> {
         self.url.iter().chain(&self.urls)
+    }
+
+    /// The dead-letter exchange's name, with `{exchange}` replaced.
+    pub fn dead_letter_exchange_name(&self) -> String {
+        self.dead_letter_exchange
+            .replace("{exchange}", &self.exchange)
+    }
+
+    /// The durable queue of consumer group `group` on `topic`.
+    pub fn queue_name(&self, topic: &str, group: &str) -> String {
+        self.queue
+            .replace("{topic}", topic)
+            .replace("{group}", group)
     }
 }
 
@@ -80,6 +143,12 @@ impl DriverTable for RabbitMqConfig {
         RETRY_KEYS[2],
         RETRY_KEYS[3],
         ("dead_letter_exchange", ValueKind::Text),
+        ("queue", ValueKind::Text),
+        ("confirms", ValueKind::Boolean),
+        ("heartbeat", ValueKind::Text),
+        ("connection_name", ValueKind::Text),
+        ("reconnect_backoff", ValueKind::Text),
+        ("reconnect_max_backoff", ValueKind::Text),
     ];
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -90,6 +159,40 @@ impl DriverTable for RabbitMqConfig {
         check_urls(self.urls.iter(), "urls", &["amqp", "amqps"])?;
         if self.exchange.is_empty() {
             return Err(invalid("exchange", "the exchange name is empty"));
+        }
+        if self.exchange.len() > MAX_NAME_BYTES {
+            return Err(invalid("exchange", "longer than 255 bytes"));
+        }
+        if self.dead_letter_exchange_name().len() > MAX_NAME_BYTES {
+            return Err(invalid("dead_letter_exchange", "longer than 255 bytes"));
+        }
+        if !self.queue.contains("{group}") {
+            return Err(invalid(
+                "queue",
+                "must contain `{group}`, or every group would share one queue",
+            ));
+        }
+        if self.heartbeat.as_secs() > u64::from(u16::MAX) {
+            return Err(invalid("heartbeat", "at most 65535 seconds"));
+        }
+        if self
+            .connection_name
+            .as_ref()
+            .is_some_and(|name| name.len() > MAX_NAME_BYTES)
+        {
+            return Err(invalid("connection_name", "longer than 255 bytes"));
+        }
+        if self.reconnect_backoff > self.reconnect_max_backoff {
+            return Err(invalid(
+                "reconnect_backoff",
+                "longer than `reconnect_max_backoff`",
+            ));
+        }
+        for url in self.all_urls() {
+            let vhost = url.expose().path().trim_start_matches('/');
+            if vhost.len() > MAX_NAME_BYTES {
+                return Err(invalid("url", "the virtual host is longer than 255 bytes"));
+            }
         }
         if self.prefetch == 0 {
             return Err(invalid("prefetch", "must be at least 1"));
