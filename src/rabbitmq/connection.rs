@@ -354,18 +354,30 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Names a failed connection attempt. RabbitMQ closes the socket on bad credentials without a
-/// reason the client can read, so a failure after the protocol handshake started is reported
-/// as refused access.
+/// Names a failed connection attempt.
+///
+/// RabbitMQ answers bad credentials by closing the socket in the middle of the handshake,
+/// without a reason the client can read (amqprs does not ask for the
+/// `authentication_failure_close` capability). So a server that accepted the TCP connection
+/// and then hung up, or refused the handshake, is reported as refusing the login; a server
+/// that could not be reached at all is [`RabbitMqError::Unreachable`].
 fn connect_error(address: &str, error: amqprs::error::Error) -> RabbitMqError {
     let text = error.to_string();
-    let refused = text.contains("ACCESS_REFUSED")
-        || text.contains("403")
-        || matches!(error, amqprs::error::Error::ConnectionOpenError(_));
-    if refused {
+    let hung_up = [
+        "ACCESS_REFUSED",
+        "reset by peer",
+        "peer shutdown",
+        "interrupted",
+    ]
+    .iter()
+    .any(|sign| text.contains(sign));
+    if hung_up || matches!(error, amqprs::error::Error::ConnectionOpenError(_)) {
         RabbitMqError::AccessRefused {
             address: address.to_owned(),
-            detail: text,
+            detail: format!(
+                "the server ended the login handshake ({text}); check the user, password and \
+                 virtual host"
+            ),
         }
     } else {
         RabbitMqError::Unreachable {

@@ -1,0 +1,648 @@
+//! Tests of the RabbitMQ driver against a real server.
+//!
+//! The server's URL comes from `TEST_RABBITMQ_URL` (default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`). Every test uses its own exchange and names, so
+//! they run in parallel; every wait is bounded.
+
+#![cfg(feature = "rabbitmq")]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use broker::config::{ExchangeKind, RabbitMqConfig, SecretUrl};
+use broker::rabbitmq::amqprs::channel::{
+    BasicGetArguments, BasicPublishArguments, Channel, ExchangeDeclareArguments,
+    ExchangeDeleteArguments, ExchangeType, QueueDeleteArguments,
+};
+use broker::rabbitmq::amqprs::{BasicProperties, FieldTable, FieldValue};
+use broker::rabbitmq::{RabbitMqError, RabbitMqProvider};
+use broker::{Context, Error, Manager, Message, Provider, ProviderExt, RetryPolicy};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn server_url() -> String {
+    std::env::var("TEST_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn config() -> RabbitMqConfig {
+    RabbitMqConfig {
+        url: Some(SecretUrl::parse(&server_url()).expect("a valid TEST_RABBITMQ_URL")),
+        exchange: unique("test-exchange"),
+        retry: RetryPolicy {
+            attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            multiplier: 2.0,
+        },
+        connection_name: Some(unique("test-connection")),
+        ..RabbitMqConfig::default()
+    }
+}
+
+fn ctx() -> Context {
+    Context::new().with_timeout(WAIT)
+}
+
+async fn connect(config: RabbitMqConfig) -> RabbitMqProvider {
+    RabbitMqProvider::connect(&ctx(), "test", config)
+        .await
+        .expect("the test server accepts the connection")
+}
+
+/// Deletes the exchanges and queues a test declared, then closes the provider.
+async fn clean_up(provider: RabbitMqProvider, queues: &[String]) {
+    if let Ok(channel) = provider.open_channel(&ctx()).await {
+        for queue in queues {
+            let _ = channel.queue_delete(QueueDeleteArguments::new(queue)).await;
+        }
+        let config = provider.config();
+        for exchange in [config.exchange.clone(), config.dead_letter_exchange_name()] {
+            let _ = channel
+                .exchange_delete(ExchangeDeleteArguments::new(&exchange))
+                .await;
+        }
+        let _ = channel.close().await;
+    }
+    provider.close().await.expect("close succeeds");
+}
+
+/// A handler that forwards every message it gets, tagged with `tag`.
+fn forward(
+    tag: usize,
+    sender: mpsc::UnboundedSender<(usize, Message)>,
+) -> impl Fn(Context, Message) -> std::future::Ready<Result<(), std::io::Error>> + Send + Sync + 'static
+{
+    move |_ctx, message| {
+        let _ = sender.send((tag, message));
+        std::future::ready(Ok(()))
+    }
+}
+
+async fn receive(receiver: &mut mpsc::UnboundedReceiver<(usize, Message)>) -> (usize, Message) {
+    tokio::time::timeout(WAIT, receiver.recv())
+        .await
+        .expect("a message arrives in time")
+        .expect("the subscription is still running")
+}
+
+/// Waits until no message arrived for a short while; returns what did.
+async fn drain(receiver: &mut mpsc::UnboundedReceiver<(usize, Message)>) -> Vec<(usize, Message)> {
+    let mut got = Vec::new();
+    while let Ok(Some(item)) =
+        tokio::time::timeout(Duration::from_millis(500), receiver.recv()).await
+    {
+        got.push(item);
+    }
+    got
+}
+
+fn rabbit_error(error: &Error) -> &RabbitMqError {
+    RabbitMqError::of(error).unwrap_or_else(|| panic!("not a RabbitMQ error: {error:?}"))
+}
+
+/// Takes one message from `queue` with `basic.get`, waiting until one is there.
+async fn get_one(channel: &Channel, queue: &str) -> (BasicProperties, Vec<u8>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = channel
+            .basic_get(BasicGetArguments::new(queue).no_ack(true).finish())
+            .await
+            .expect("basic.get succeeds");
+        if let Some((_, properties, body)) = got {
+            return (properties, body);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing arrived in {queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn round_trip_keeps_all_four_fields() {
+    let provider = connect(config()).await;
+    let topic = unique("orders");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let subscription = provider
+        .subscribe_group_fn(&ctx(), &topic, "billing", forward(0, sender))
+        .await
+        .unwrap();
+
+    let sent = Message::new(&b"\x00binary\xffbody"[..])
+        .with_header("kind", "created")
+        .with_header("empty", "")
+        .with_header("unicode", "żółw 🐢");
+    let ctx = Context::from_request_id("request-7").with_timeout(WAIT);
+    provider.publish(&ctx, &topic, sent.clone()).await.unwrap();
+
+    let (_, got) = receive(&mut receiver).await;
+    let expected = sent.with_header("trace_id", "request-7");
+    assert_eq!(got.id, expected.id);
+    assert_eq!(got.body, expected.body);
+    assert_eq!(got.timestamp, expected.timestamp);
+    assert_eq!(got.headers, expected.headers);
+
+    subscription.stop().await;
+    clean_up(
+        provider,
+        &[format!("{topic}.billing"), format!("{topic}.dlq")],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn competing_consumers_of_a_group_share_without_duplicates() {
+    let provider = connect(config()).await;
+    let topic = unique("jobs");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let first = provider
+        .subscribe_group_fn(&ctx(), &topic, "workers", forward(1, sender.clone()))
+        .await
+        .unwrap();
+    let second = provider
+        .subscribe_group_fn(&ctx(), &topic, "workers", forward(2, sender))
+        .await
+        .unwrap();
+
+    let mut sent = Vec::new();
+    for i in 0..40 {
+        let message = Message::new(format!("job {i}"));
+        sent.push(message.id.clone());
+        provider.publish(&ctx(), &topic, message).await.unwrap();
+    }
+
+    let mut got = Vec::new();
+    for _ in 0..sent.len() {
+        got.push(receive(&mut receiver).await);
+    }
+    got.extend(drain(&mut receiver).await);
+    let mut ids: Vec<String> = got.iter().map(|(_, message)| message.id.clone()).collect();
+    ids.sort();
+    sent.sort();
+    assert_eq!(ids, sent, "every message exactly once");
+    let by_first = got.iter().filter(|(tag, _)| *tag == 1).count();
+    assert!(
+        by_first > 0 && by_first < sent.len(),
+        "both members took a share, the first took {by_first}"
+    );
+
+    first.stop().await;
+    second.stop().await;
+    clean_up(
+        provider,
+        &[format!("{topic}.workers"), format!("{topic}.dlq")],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn every_group_gets_every_message() {
+    let provider = connect(config()).await;
+    let topic = unique("events");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let audit = provider
+        .subscribe_group_fn(&ctx(), &topic, "audit", forward(1, sender.clone()))
+        .await
+        .unwrap();
+    let mail = provider
+        .subscribe_group_fn(&ctx(), &topic, "mail", forward(2, sender.clone()))
+        .await
+        .unwrap();
+    let private = provider
+        .subscribe_fn(&ctx(), &topic, forward(3, sender))
+        .await
+        .unwrap();
+
+    for i in 0..5 {
+        provider
+            .publish(&ctx(), &topic, Message::new(format!("event {i}")))
+            .await
+            .unwrap();
+    }
+
+    let mut got = Vec::new();
+    for _ in 0..15 {
+        got.push(receive(&mut receiver).await);
+    }
+    got.extend(drain(&mut receiver).await);
+    let mut per_tag: HashMap<usize, usize> = HashMap::new();
+    for (tag, _) in &got {
+        *per_tag.entry(*tag).or_default() += 1;
+    }
+    assert_eq!(per_tag, HashMap::from([(1, 5), (2, 5), (3, 5)]));
+
+    audit.stop().await;
+    mail.stop().await;
+    private.stop().await;
+    clean_up(
+        provider,
+        &[
+            format!("{topic}.audit"),
+            format!("{topic}.mail"),
+            format!("{topic}.dlq"),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_while_others_flow() {
+    let provider = connect(config()).await;
+    let topic = unique("payments");
+    let attempts = Arc::new(Mutex::new(0_u32));
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let counted = Arc::clone(&attempts);
+    let subscription = provider
+        .subscribe_group_fn(
+            &ctx(),
+            &topic,
+            "ledger",
+            move |_ctx: Context, message: Message| {
+                let sender = sender.clone();
+                let counted = Arc::clone(&counted);
+                async move {
+                    if message.body.as_ref() == b"poison" {
+                        *counted.lock().unwrap() += 1;
+                        return Err(std::io::Error::other("cannot parse the payment"));
+                    }
+                    let _ = sender.send((0, message));
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+
+    let poison = Message::new("poison");
+    provider
+        .publish(&ctx(), &topic, poison.clone())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        provider
+            .publish(&ctx(), &topic, Message::new(format!("good {i}")))
+            .await
+            .unwrap();
+    }
+
+    for _ in 0..3 {
+        let (_, message) = receive(&mut receiver).await;
+        assert!(message.body.starts_with(b"good"));
+    }
+    let channel = provider.open_channel(&ctx()).await.unwrap();
+    let (properties, body) = get_one(&channel, &format!("{topic}.dlq")).await;
+    assert_eq!(body, b"poison");
+    assert_eq!(properties.message_id(), Some(&poison.id));
+    let headers = properties.headers().expect("dead letters carry headers");
+    let text = |name: &str| match headers.get(&name.try_into().unwrap()) {
+        Some(FieldValue::S(value)) => value.to_string(),
+        other => panic!("header {name}: {other:?}"),
+    };
+    assert_eq!(text("dead_letter_attempts"), "3");
+    assert_eq!(text("dead_letter_topic"), topic);
+    assert!(text("dead_letter_error").contains("cannot parse the payment"));
+    assert_eq!(*attempts.lock().unwrap(), 3);
+    let _ = channel.close().await;
+
+    subscription.stop().await;
+    clean_up(
+        provider,
+        &[format!("{topic}.ledger"), format!("{topic}.dlq")],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn messages_from_other_clients_arrive_with_their_headers() {
+    let provider = connect(config()).await;
+    let topic = unique("interop");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let subscription = provider
+        .subscribe_group_fn(&ctx(), &topic, "reader", forward(0, sender))
+        .await
+        .unwrap();
+
+    let mut headers = FieldTable::new();
+    headers.insert(
+        "text".try_into().unwrap(),
+        FieldValue::S("hello".try_into().unwrap()),
+    );
+    headers.insert("int".try_into().unwrap(), FieldValue::I(-42));
+    headers.insert("long".try_into().unwrap(), FieldValue::l(1 << 40));
+    headers.insert("flag".try_into().unwrap(), FieldValue::t(true));
+    headers.insert("ratio".try_into().unwrap(), FieldValue::d(0.25));
+    headers.insert(
+        "bytes".try_into().unwrap(),
+        FieldValue::x(b"raw".to_vec().try_into().unwrap()),
+    );
+    headers.insert(
+        "nested".try_into().unwrap(),
+        FieldValue::F(FieldTable::new()),
+    );
+    let properties = BasicProperties::default()
+        .with_headers(headers)
+        .with_timestamp(1_700_000_000)
+        .finish();
+    let channel = provider.open_channel(&ctx()).await.unwrap();
+    channel
+        .basic_publish(
+            properties,
+            b"from amqprs".to_vec(),
+            BasicPublishArguments::new(&provider.config().exchange, &topic),
+        )
+        .await
+        .unwrap();
+
+    let (_, got) = receive(&mut receiver).await;
+    let expected: BTreeMap<String, String> = [
+        ("text", "hello"),
+        ("int", "-42"),
+        ("long", "1099511627776"),
+        ("flag", "true"),
+        ("ratio", "0.25"),
+        ("bytes", "raw"),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_owned(), value.to_owned()))
+    .collect();
+    assert_eq!(got.headers, expected);
+    assert_eq!(got.body.as_ref(), b"from amqprs");
+    assert!(!got.id.is_empty(), "a message without an id gets one");
+    assert_eq!(got.timestamp_millis(), 1_700_000_000_000);
+    let _ = channel.close().await;
+
+    subscription.stop().await;
+    clean_up(
+        provider,
+        &[format!("{topic}.reader"), format!("{topic}.dlq")],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_unroutable_publish_is_an_error() {
+    let provider = connect(config()).await;
+    let topic = unique("nobody-listens");
+
+    let error = provider
+        .publish(&ctx(), &topic, Message::new("lost?"))
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(rabbit_error(&error), RabbitMqError::Unroutable { routing_key, .. } if *routing_key == topic),
+        "{error}"
+    );
+    let origin = error.origin().unwrap();
+    assert_eq!(origin.connection, "test");
+    assert_eq!(origin.target, topic);
+    // The publishing channel is still usable afterwards.
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let subscription = provider
+        .subscribe_group_fn(&ctx(), &topic, "late", forward(0, sender))
+        .await
+        .unwrap();
+    provider
+        .publish(&ctx(), &topic, Message::new("found"))
+        .await
+        .unwrap();
+    receive(&mut receiver).await;
+
+    subscription.stop().await;
+    clean_up(provider, &[format!("{topic}.late"), format!("{topic}.dlq")]).await;
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_refused() {
+    let mut url = SecretUrl::parse(&server_url()).unwrap().expose().clone();
+    url.set_password(Some("not-the-password")).unwrap();
+    let config = RabbitMqConfig {
+        url: Some(SecretUrl::parse(url.as_str()).unwrap()),
+        ..config()
+    };
+
+    let error = RabbitMqProvider::connect(&ctx(), "test", config)
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(rabbit_error(&error), RabbitMqError::AccessRefused { .. }),
+        "{error:?}"
+    );
+    assert!(!error.to_string().contains("not-the-password"));
+}
+
+#[tokio::test]
+async fn an_exchange_of_another_type_is_a_clear_error() {
+    let setup = connect(config()).await;
+    let taken = unique("fanout-exchange");
+    let channel = setup.open_channel(&ctx()).await.unwrap();
+    channel
+        .exchange_declare(ExchangeDeclareArguments::of_type(
+            &taken,
+            ExchangeType::Fanout,
+        ))
+        .await
+        .unwrap();
+
+    let error = RabbitMqProvider::connect(
+        &ctx(),
+        "test",
+        RabbitMqConfig {
+            exchange: taken.clone(),
+            exchange_type: ExchangeKind::Topic,
+            ..config()
+        },
+    )
+    .await
+    .unwrap_err();
+
+    assert!(
+        matches!(rabbit_error(&error), RabbitMqError::TopologyMismatch { kind: "exchange", name, .. } if *name == taken),
+        "{error}"
+    );
+    let _ = channel
+        .exchange_delete(ExchangeDeleteArguments::new(&taken))
+        .await;
+    let _ = channel.close().await;
+    clean_up(setup, &[]).await;
+}
+
+#[tokio::test]
+async fn display_names_the_connection_and_hides_the_password() {
+    let provider = connect(config()).await;
+
+    let url = SecretUrl::parse(&server_url()).unwrap();
+    let port = url.expose().port().unwrap_or(5672);
+    let host = url.expose().host_str().unwrap().to_owned();
+    assert_eq!(
+        provider.to_string(),
+        format!("rabbitmq(test: {host}:{port})")
+    );
+    if let Some(password) = url.expose().password() {
+        assert!(!format!("{provider:?}").contains(&format!(":{password}@")));
+    }
+    provider.ping(&ctx()).await.unwrap();
+
+    clean_up(provider, &[]).await;
+}
+
+#[tokio::test]
+async fn the_manager_connects_rabbitmq_from_toml() {
+    let exchange = unique("manager-exchange");
+    let manager = Manager::from_toml(&format!(
+        r#"
+        [brokers.events]
+        driver = "rabbitmq"
+
+        [brokers.events.rabbitmq]
+        url = "{}"
+        exchange = "{exchange}"
+        "#,
+        server_url()
+    ))
+    .await
+    .unwrap();
+
+    let provider = manager.get_as::<RabbitMqProvider>("events").unwrap();
+    assert!(provider.connection().is_some());
+    manager.ping(&ctx()).await.unwrap();
+    let channel = provider.open_channel(&ctx()).await.unwrap();
+    let _ = channel
+        .exchange_delete(ExchangeDeleteArguments::new(&exchange))
+        .await;
+    let _ = channel
+        .exchange_delete(ExchangeDeleteArguments::new(&format!("{exchange}.dlx")))
+        .await;
+    let _ = channel.close().await;
+    manager.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn operations_after_close_fail_and_a_stopped_context_stops_them() {
+    let provider = connect(config()).await;
+    let topic = unique("closing");
+
+    let cancelled = Context::new();
+    cancelled.cancel();
+    let error = provider
+        .publish(&cancelled, &topic, Message::new("x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Cancelled { .. }), "{error}");
+
+    let config = provider.config().clone();
+    clean_up(provider, &[]).await;
+    let provider = connect(config).await;
+    provider.close().await.unwrap();
+    let error = provider
+        .publish(&ctx(), &topic, Message::new("x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error}");
+}
+
+/// Closes, from the server side, the connections whose client-provided name is `name`.
+fn force_close(name: &str) -> usize {
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-s", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let mut closed = 0;
+    for line in listing.lines().filter(|line| line.contains(name)) {
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "closed by a broker test"])
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(status.success());
+        closed += 1;
+    }
+    closed
+}
+
+#[tokio::test]
+async fn publishing_and_subscriptions_resume_after_the_connection_is_lost() {
+    let config = config();
+    let name = config.connection_name.clone().unwrap();
+    let provider = Arc::new(connect(config).await);
+    let topic = unique("durable");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let subscription = provider
+        .subscribe_group_fn(&ctx(), &topic, "keeper", forward(0, sender))
+        .await
+        .unwrap();
+
+    let publisher = {
+        let provider = Arc::clone(&provider);
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut confirmed = Vec::new();
+            for i in 0..60 {
+                let message = Message::new(format!("message {i}"));
+                let id = message.id.clone();
+                let ctx = Context::new().with_timeout(Duration::from_secs(30));
+                match provider.publish(&ctx, &topic, message).await {
+                    Ok(()) => confirmed.push(id),
+                    Err(error) => panic!("publish {i} failed: {error}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            confirmed
+        })
+    };
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        force_close(&name) >= 1,
+        "our connection was found and closed"
+    );
+    let confirmed = tokio::time::timeout(Duration::from_secs(60), publisher)
+        .await
+        .expect("publishing finishes")
+        .expect("every publish succeeds");
+
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while confirmed.iter().any(|id| !seen.contains_key(id)) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, receiver.recv()).await {
+            Ok(Some((_, message))) => *seen.entry(message.id).or_default() += 1,
+            _ => break,
+        }
+    }
+    let missing: Vec<&String> = confirmed
+        .iter()
+        .filter(|id| !seen.contains_key(*id))
+        .collect();
+    let duplicates: usize = seen.values().map(|count| count - 1).sum();
+    assert!(
+        missing.is_empty(),
+        "lost {} confirmed messages",
+        missing.len()
+    );
+    eprintln!(
+        "{} confirmed, {} duplicates after the reconnection",
+        confirmed.len(),
+        duplicates
+    );
+
+    subscription.stop().await;
+    let provider = Arc::try_unwrap(provider).expect("the publisher task ended");
+    clean_up(
+        provider,
+        &[format!("{topic}.keeper"), format!("{topic}.dlq")],
+    )
+    .await;
+}
