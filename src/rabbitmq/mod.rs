@@ -48,7 +48,7 @@
 //!   subscription. A publish during the outage waits for the new connection until its context
 //!   stops; a publish whose confirm was lost with the connection is sent again on the new one.
 //!   So delivery is at least once: duplicates are possible, loss of a confirmed message is not.
-//! - **Errors.** Failures are [`Error::Broker`](crate::Error::Broker) with a
+//! - **Errors.** Failures are [`Error::Broker`] with a
 //!   [`RabbitMqError`] source (see [`RabbitMqError::of`]), naming the driver, connection,
 //!   operation and topic.
 //!
