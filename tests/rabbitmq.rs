@@ -646,3 +646,134 @@ async fn publishing_and_subscriptions_resume_after_the_connection_is_lost() {
     )
     .await;
 }
+
+/// Runs `rabbitmqctl` with `args`; `false` if it is missing or fails.
+fn rabbitmqctl(args: &[&str]) -> bool {
+    std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// A user of its own for one test, deleted when dropped.
+struct TestUser {
+    name: String,
+}
+
+impl TestUser {
+    fn create(password: &str) -> Option<TestUser> {
+        let name = unique("broker-test-user");
+        if !rabbitmqctl(&["add_user", &name, password]) {
+            return None;
+        }
+        let user = TestUser { name };
+        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]).then_some(user)
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        rabbitmqctl(&["delete_user", &self.name]);
+    }
+}
+
+#[tokio::test]
+async fn a_publish_during_an_outage_waits_for_its_deadline_then_succeeds_once_reconnected() {
+    let Some(user) = TestUser::create("first-password") else {
+        eprintln!("skipped: rabbitmqctl cannot add a user here");
+        return;
+    };
+    let mut url = SecretUrl::parse(&server_url()).unwrap().expose().clone();
+    url.set_username(&user.name).unwrap();
+    url.set_password(Some("first-password")).unwrap();
+    let config = RabbitMqConfig {
+        url: Some(SecretUrl::parse(url.as_str()).unwrap()),
+        reconnect_backoff: Duration::from_millis(50),
+        reconnect_max_backoff: Duration::from_millis(200),
+        ..config()
+    };
+    let name = config.connection_name.clone().unwrap();
+    let provider = connect(config).await;
+    let topic = unique("outage");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let subscription = provider
+        .subscribe_group_fn(&ctx(), &topic, "patient", forward(0, sender))
+        .await
+        .unwrap();
+
+    // The outage: the connection is closed and logging in again fails until the password is
+    // set back.
+    assert!(rabbitmqctl(&[
+        "change_password",
+        &user.name,
+        "second-password"
+    ]));
+    assert!(force_close(&name) >= 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let short = Context::new().with_timeout(Duration::from_millis(1500));
+    let error = provider
+        .publish(&short, &topic, Message::new("too early"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error}");
+    let origin = error.origin().unwrap();
+    assert_eq!(
+        (origin.connection.as_str(), origin.operation),
+        ("test", broker::Operation::Publish)
+    );
+    assert!(provider.ping(&ctx()).await.is_err());
+
+    assert!(rabbitmqctl(&[
+        "change_password",
+        &user.name,
+        "first-password"
+    ]));
+    let message = Message::new("after the outage");
+    provider
+        .publish(&ctx(), &topic, message.clone())
+        .await
+        .unwrap();
+    let (_, got) = receive(&mut receiver).await;
+    assert_eq!(got.id, message.id);
+    provider.ping(&ctx()).await.unwrap();
+
+    subscription.stop().await;
+    clean_up(
+        provider,
+        &[format!("{topic}.patient"), format!("{topic}.dlq")],
+    )
+    .await;
+    drop(user);
+}
+
+#[tokio::test]
+async fn a_group_queue_declared_with_other_settings_is_a_clear_error() {
+    let provider = connect(config()).await;
+    let topic = unique("preset");
+    let queue = format!("{topic}.group");
+    let channel = provider.open_channel(&ctx()).await.unwrap();
+    channel
+        .queue_declare(broker::rabbitmq::amqprs::channel::QueueDeclareArguments::new(&queue))
+        .await
+        .unwrap();
+
+    let error = provider
+        .subscribe_group_fn(
+            &ctx(),
+            &topic,
+            "group",
+            forward(0, mpsc::unbounded_channel().0),
+        )
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(rabbit_error(&error), RabbitMqError::TopologyMismatch { kind: "queue", name, .. } if *name == queue),
+        "{error}"
+    );
+    let _ = channel.close().await;
+    clean_up(provider, &[queue, format!("{topic}.dlq")]).await;
+}

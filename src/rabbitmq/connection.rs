@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::DRIVER;
+use super::codec::check_short;
 use super::confirms::Publisher;
 use super::error::RabbitMqError;
 use super::topology::{ChannelWatch, declare_exchanges};
@@ -116,6 +117,10 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.closing.cancel();
+        // Ends the session's watcher, whose handle on the connection would keep it open.
+        if let Some(session) = self.current.borrow().as_ref() {
+            session.lost.cancel();
+        }
     }
 }
 
@@ -322,6 +327,8 @@ fn arguments(
     };
     let heartbeat = u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX);
     let connection_name = config.connection_name.as_deref().unwrap_or(name);
+    check_short("a virtual host", &vhost)?;
+    check_short("a connection name", connection_name)?;
 
     Ok(OpenConnectionArguments::new(host, port, &user, &password)
         .virtual_host(&vhost)
