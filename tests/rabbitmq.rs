@@ -50,7 +50,16 @@ fn ctx() -> Context {
     Context::new().with_timeout(WAIT)
 }
 
+/// Shows the driver's logs when `RUST_LOG` asks for them.
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 async fn connect(config: RabbitMqConfig) -> RabbitMqProvider {
+    init_logs();
     RabbitMqProvider::connect(&ctx(), "test", config)
         .await
         .expect("the test server accepts the connection")
@@ -199,6 +208,46 @@ async fn competing_consumers_of_a_group_share_without_duplicates() {
     clean_up(
         provider,
         &[format!("{topic}.workers"), format!("{topic}.dlq")],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn many_publishes_in_flight_are_each_confirmed() {
+    let provider = connect(config()).await;
+    let topic = unique("burst");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let subscription = provider
+        .subscribe_group_fn(&ctx(), &topic, "counter", forward(0, sender))
+        .await
+        .unwrap();
+
+    let messages: Vec<Message> = (0..300)
+        .map(|i| Message::new(format!("burst {i}")))
+        .collect();
+    let ctx = ctx();
+    let publishes = messages
+        .iter()
+        .map(|message| provider.publish(&ctx, &topic, message.clone()));
+    let results = futures_util::future::join_all(publishes).await;
+    assert!(
+        results.iter().all(Result::is_ok),
+        "every publish is confirmed"
+    );
+
+    let mut got = Vec::new();
+    for _ in 0..messages.len() {
+        got.push(receive(&mut receiver).await.1.id);
+    }
+    got.sort();
+    let mut sent: Vec<String> = messages.into_iter().map(|message| message.id).collect();
+    sent.sort();
+    assert_eq!(got, sent);
+
+    subscription.stop().await;
+    clean_up(
+        provider,
+        &[format!("{topic}.counter"), format!("{topic}.dlq")],
     )
     .await;
 }
@@ -564,6 +613,7 @@ fn force_close(name: &str) -> usize {
         };
         let status = std::process::Command::new("rabbitmqctl")
             .args(["close_connection", pid, "closed by a broker test"])
+            .stdout(std::process::Stdio::null())
             .status()
             .expect("rabbitmqctl runs");
         assert!(status.success());

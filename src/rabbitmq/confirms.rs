@@ -289,3 +289,69 @@ impl ChannelCallback for ConfirmCallback {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(tags: &[u64]) -> (ConfirmCallback, Vec<oneshot::Receiver<Confirm>>) {
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let mut receivers = Vec::new();
+        for &tag in tags {
+            let (sender, receiver) = oneshot::channel();
+            lock(&pending).waiting.insert(
+                tag,
+                Waiter {
+                    message_id: format!("m{tag}"),
+                    returned: None,
+                    answer: sender,
+                },
+            );
+            receivers.push(receiver);
+        }
+        let callback = ConfirmCallback {
+            pending,
+            lost: CancellationToken::new(),
+        };
+        (callback, receivers)
+    }
+
+    #[test]
+    fn a_multiple_ack_settles_every_earlier_tag() {
+        let (callback, mut receivers) = waiting(&[1, 2, 3, 4]);
+
+        callback.settle(3, true, true);
+
+        for receiver in &mut receivers[..3] {
+            assert!(matches!(receiver.try_recv(), Ok(Confirm::Ack)));
+        }
+        assert!(receivers[3].try_recv().is_err());
+        assert_eq!(lock(&callback.pending).waiting.len(), 1);
+    }
+
+    #[test]
+    fn a_single_nack_settles_only_its_tag() {
+        let (callback, mut receivers) = waiting(&[1, 2]);
+
+        callback.settle(2, false, false);
+
+        assert!(receivers[0].try_recv().is_err());
+        assert!(matches!(receivers[1].try_recv(), Ok(Confirm::Nack)));
+    }
+
+    #[test]
+    fn a_returned_message_is_reported_when_its_ack_arrives() {
+        let (callback, mut receivers) = waiting(&[7]);
+        lock(&callback.pending)
+            .waiting
+            .get_mut(&7)
+            .map(|waiter| waiter.returned = Some("NO_ROUTE".to_owned()));
+
+        callback.settle(7, false, true);
+
+        assert!(matches!(
+            receivers[0].try_recv(),
+            Ok(Confirm::Returned { text }) if text == "NO_ROUTE"
+        ));
+    }
+}
