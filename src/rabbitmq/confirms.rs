@@ -342,10 +342,9 @@ mod tests {
     #[test]
     fn a_returned_message_is_reported_when_its_ack_arrives() {
         let (callback, mut receivers) = waiting(&[7]);
-        lock(&callback.pending)
-            .waiting
-            .get_mut(&7)
-            .map(|waiter| waiter.returned = Some("NO_ROUTE".to_owned()));
+        if let Some(waiter) = lock(&callback.pending).waiting.get_mut(&7) {
+            waiter.returned = Some("NO_ROUTE".to_owned());
+        }
 
         callback.settle(7, false, true);
 
