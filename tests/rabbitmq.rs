@@ -141,7 +141,19 @@ async fn round_trip_keeps_all_four_fields() {
     let topic = unique("orders");
     let (sender, mut receiver) = mpsc::unbounded_channel();
     let subscription = provider
-        .subscribe_group_fn(&ctx(), &topic, "billing", forward(0, sender))
+        .subscribe_group_fn(
+            &ctx(),
+            &topic,
+            "billing",
+            move |ctx: Context, message: Message| {
+                // The handler's context continues the publisher's trace.
+                let traced = message
+                    .clone()
+                    .with_header("handler_trace_id", ctx.trace_id());
+                let _ = sender.send((0, traced));
+                std::future::ready(Ok::<(), std::io::Error>(()))
+            },
+        )
         .await
         .unwrap();
 
@@ -152,7 +164,11 @@ async fn round_trip_keeps_all_four_fields() {
     let ctx = Context::from_request_id("request-7").with_timeout(WAIT);
     provider.publish(&ctx, &topic, sent.clone()).await.unwrap();
 
-    let (_, got) = receive(&mut receiver).await;
+    let (_, mut got) = receive(&mut receiver).await;
+    assert_eq!(
+        got.headers.remove("handler_trace_id").as_deref(),
+        Some("request-7")
+    );
     let expected = sent.with_header("trace_id", "request-7");
     assert_eq!(got.id, expected.id);
     assert_eq!(got.body, expected.body);
@@ -826,4 +842,92 @@ async fn a_group_queue_declared_with_other_settings_is_a_clear_error() {
     );
     let _ = channel.close().await;
     clean_up(provider, &[queue, format!("{topic}.dlq")]).await;
+}
+
+#[tokio::test]
+async fn the_servers_are_tried_in_turn() {
+    let good = config();
+    let config = RabbitMqConfig {
+        url: Some(SecretUrl::parse("amqp://guest:guest@127.0.0.1:1/%2f").unwrap()),
+        urls: vec![good.url.clone().unwrap()],
+        ..good
+    };
+
+    let provider = connect(config).await;
+
+    let url = SecretUrl::parse(&server_url()).unwrap();
+    let port = url.expose().port().unwrap_or(5672);
+    assert!(
+        provider.to_string().ends_with(&format!(":{port})")),
+        "{provider}"
+    );
+    provider.ping(&ctx()).await.unwrap();
+    clean_up(provider, &[]).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_clear_error() {
+    let config = RabbitMqConfig {
+        url: Some(SecretUrl::parse("amqp://guest:guest@127.0.0.1:1/%2f").unwrap()),
+        ..config()
+    };
+
+    let error = RabbitMqProvider::connect(&ctx(), "test", config)
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(rabbit_error(&error), RabbitMqError::Unreachable { address, .. } if address == "127.0.0.1:1"),
+        "{error}"
+    );
+    assert_eq!(
+        error.origin().unwrap().operation,
+        broker::Operation::Connect
+    );
+}
+
+#[tokio::test]
+async fn a_fanout_exchange_without_confirms_delivers_to_every_queue() {
+    let provider = connect(RabbitMqConfig {
+        exchange_type: ExchangeKind::Fanout,
+        confirms: false,
+        ..config()
+    })
+    .await;
+    let first_topic = unique("left");
+    let second_topic = unique("right");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let first = provider
+        .subscribe_group_fn(&ctx(), &first_topic, "g", forward(1, sender.clone()))
+        .await
+        .unwrap();
+    let second = provider
+        .subscribe_group_fn(&ctx(), &second_topic, "g", forward(2, sender))
+        .await
+        .unwrap();
+
+    provider
+        .publish(&ctx(), &first_topic, Message::new("to all"))
+        .await
+        .unwrap();
+
+    let mut tags = vec![
+        receive(&mut receiver).await.0,
+        receive(&mut receiver).await.0,
+    ];
+    tags.sort();
+    assert_eq!(tags, [1, 2]);
+
+    first.stop().await;
+    second.stop().await;
+    clean_up(
+        provider,
+        &[
+            format!("{first_topic}.g"),
+            format!("{second_topic}.g"),
+            format!("{first_topic}.dlq"),
+            format!("{second_topic}.dlq"),
+        ],
+    )
+    .await;
 }
