@@ -73,3 +73,8 @@ pub use memory::MemoryProvider;
 pub use message::{Headers, Message};
 pub use provider::{AsAny, Provider, ProviderExt, SubscribeOptions};
 pub use subscription::{Subscription, Subscriptions};
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

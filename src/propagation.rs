@@ -37,7 +37,7 @@ pub(crate) fn handler_span(ctx: &Context, source: &Source, message_id: &str) -> 
         "handle",
         trace_id = %ctx.trace_id(),
         connection = %source.connection,
-        driver = source.driver,
+        driver = %source.driver,
         topic = %source.topic,
         message_id = %message_id,
     )

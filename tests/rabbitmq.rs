@@ -41,7 +41,7 @@ fn config() -> RabbitMqConfig {
             max_backoff: Duration::from_millis(50),
             multiplier: 2.0,
         },
-        connection_name: Some(unique("test-connection")),
+        connection_name: unique("test-connection"),
         ..RabbitMqConfig::default()
     }
 }
@@ -641,7 +641,7 @@ fn force_close(name: &str) -> usize {
 #[tokio::test]
 async fn publishing_and_subscriptions_resume_after_the_connection_is_lost() {
     let config = config();
-    let name = config.connection_name.clone().unwrap();
+    let name = config.connection_name.clone();
     let provider = Arc::new(connect(config).await);
     let topic = unique("durable");
     let (sender, mut receiver) = mpsc::unbounded_channel();
@@ -760,7 +760,7 @@ async fn a_publish_during_an_outage_waits_for_its_deadline_then_succeeds_once_re
         reconnect_max_backoff: Duration::from_millis(200),
         ..config()
     };
-    let name = config.connection_name.clone().unwrap();
+    let name = config.connection_name.clone();
     let provider = connect(config).await;
     let topic = unique("outage");
     let (sender, mut receiver) = mpsc::unbounded_channel();

@@ -112,7 +112,7 @@ fn parse_value(text: &str, kind: ValueKind) -> Result<toml::Value, String> {
         ValueKind::Boolean => toml::Value::Boolean(
             text.trim()
                 .parse()
-                .map_err(|_| format!("`{text}` is not `true` or `false`"))?,
+                .map_err(|_| format!("`{text}` is not true or false"))?,
         ),
         ValueKind::List => toml::Value::Array(
             text.split(',')

@@ -31,7 +31,10 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-pub use drivers::{ExchangeKind, KafkaConfig, MemoryConfig, NatsConfig, NatsMode, RabbitMqConfig};
+pub use drivers::{
+    Assignor, ExchangeKind, KafkaCompression, KafkaConfig, MemoryConfig, NatsConfig, NatsMode,
+    RabbitMqConfig, StartOffset,
+};
 pub use secret::{Secret, SecretUrl};
 
 /// The configuration of every named connection.
@@ -262,15 +265,15 @@ fn serde_error(table: &str, path: &str, message: String) -> ConfigError {
         key = format!("{key}.{path}");
     }
 
-    // Serde reports unknown and missing fields at the enclosing table; name the field itself.
     let field = |prefix: &str| {
         message
             .strip_prefix(prefix)
             .and_then(|rest| rest.split('`').next())
             .map(str::to_owned)
     };
-    if let Some(field) = field("unknown field `") {
-        ConfigError::new(ConfigErrorKind::UnknownKey, message).key(format!("{key}.{field}"))
+    // The path already ends in an unknown field, but stops at the table that misses a field.
+    if field("unknown field `").is_some() {
+        ConfigError::new(ConfigErrorKind::UnknownKey, message).key(key)
     } else if let Some(field) = field("missing field `") {
         ConfigError::new(ConfigErrorKind::MissingKey, message).key(format!("{key}.{field}"))
     } else {
@@ -381,5 +384,38 @@ impl fmt::Display for ConfigError {
             write!(f, ", key `{key}`")?;
         }
         write!(f, ": {}", self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference configuration documents every key that environment overrides know of.
+    #[test]
+    fn the_reference_configuration_shows_every_key() {
+        let reference: toml::Table = include_str!("../../testdata/reference.toml")
+            .parse()
+            .unwrap();
+        let connections = reference["brokers"].as_table().unwrap();
+
+        fn check<T: DriverTable>(connections: &toml::Table) {
+            let tables: Vec<_> = connections
+                .values()
+                .filter_map(|connection| connection.get(T::TABLE))
+                .collect();
+            for (key, _) in T::KEYS {
+                let found = tables.iter().any(|table| {
+                    key.split('.')
+                        .try_fold(*table, |value, part| value.get(part))
+                        .is_some()
+                });
+                assert!(found, "{}.{key} is missing from the reference", T::TABLE);
+            }
+        }
+        check::<KafkaConfig>(connections);
+        check::<RabbitMqConfig>(connections);
+        check::<NatsConfig>(connections);
+        check::<MemoryConfig>(connections);
     }
 }

@@ -326,7 +326,10 @@ fn arguments(
         path => percent_decode(path),
     };
     let heartbeat = u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX);
-    let connection_name = config.connection_name.as_deref().unwrap_or(name);
+    let connection_name = match config.connection_name.as_str() {
+        "" => name,
+        configured => configured,
+    };
     check_short("a virtual host", &vhost)?;
     check_short("a connection name", connection_name)?;
 

@@ -9,7 +9,7 @@ use super::ValueKind;
 use super::secret::SecretUrl;
 use crate::handler::RetryPolicy;
 
-pub use kafka::KafkaConfig;
+pub use kafka::{Assignor, KafkaCompression, KafkaConfig, StartOffset};
 pub use memory::MemoryConfig;
 pub use nats::{NatsConfig, NatsMode};
 pub use rabbitmq::{ExchangeKind, RabbitMqConfig};
@@ -21,10 +21,6 @@ const RETRY_KEYS: [(&str, ValueKind); 4] = [
     ("retry.max_backoff", ValueKind::Text),
     ("retry.multiplier", ValueKind::Float),
 ];
-
-fn default_client_id() -> String {
-    "broker".to_owned()
-}
 
 fn default_dead_letter() -> String {
     "{topic}.dlq".to_owned()

@@ -55,10 +55,10 @@ pub struct RabbitMqConfig {
     /// The heartbeat interval asked of the server (whole seconds; zero turns heartbeats off).
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
-    /// The name the connection shows in the management UI; the connection's own name when
-    /// unset.
+    /// The name the connection shows in the management UI; empty for the connection's own
+    /// name.
     #[serde(default)]
-    pub connection_name: Option<String>,
+    pub connection_name: String,
     /// The first wait before reconnecting after the connection was lost.
     #[serde(default = "default_reconnect_backoff", with = "humantime_serde")]
     pub reconnect_backoff: Duration,
@@ -103,7 +103,7 @@ impl Default for RabbitMqConfig {
             queue: default_queue(),
             confirms: true,
             heartbeat: default_heartbeat(),
-            connection_name: None,
+            connection_name: String::new(),
             reconnect_backoff: default_reconnect_backoff(),
             reconnect_max_backoff: default_reconnect_max_backoff(),
         }
@@ -175,11 +175,7 @@ impl DriverTable for RabbitMqConfig {
         if self.heartbeat.as_secs() > u64::from(u16::MAX) {
             return Err(invalid("heartbeat", "at most 65535 seconds"));
         }
-        if self
-            .connection_name
-            .as_ref()
-            .is_some_and(|name| name.len() > MAX_NAME_BYTES)
-        {
+        if self.connection_name.len() > MAX_NAME_BYTES {
             return Err(invalid("connection_name", "longer than 255 bytes"));
         }
         if self.reconnect_backoff > self.reconnect_max_backoff {
