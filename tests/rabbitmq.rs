@@ -6,6 +6,8 @@
 
 #![cfg(feature = "rabbitmq")]
 
+mod conformance;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +21,8 @@ use broker::rabbitmq::amqprs::{BasicProperties, FieldTable, FieldValue};
 use broker::rabbitmq::{RabbitMqError, RabbitMqProvider};
 use broker::{Context, Error, Manager, Message, Provider, ProviderExt, RetryPolicy};
 use tokio::sync::mpsc;
+
+use conformance::{ATTEMPTS, Driver};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -50,16 +54,9 @@ fn ctx() -> Context {
     Context::new().with_timeout(WAIT)
 }
 
-/// Shows the driver's logs when `RUST_LOG` asks for them.
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
 async fn connect(config: RabbitMqConfig) -> RabbitMqProvider {
-    init_logs();
+    // Logs show with `RUST_LOG`; the conformance checks need this subscriber, not another.
+    conformance::trace::install();
     RabbitMqProvider::connect(&ctx(), "test", config)
         .await
         .expect("the test server accepts the connection")
@@ -134,6 +131,39 @@ async fn get_one(channel: &Channel, queue: &str) -> (BasicProperties, Vec<u8>) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The conformance suite's view of this driver: one shared exchange whose dead letters are a
+/// topic like any other (`{topic}.dlq` on the same exchange), so the suite can subscribe to them.
+struct RabbitMq;
+
+#[async_trait::async_trait]
+impl Driver for RabbitMq {
+    async fn connect(&self) -> Arc<dyn Provider> {
+        let config = RabbitMqConfig {
+            exchange: "broker.conformance".to_owned(),
+            dead_letter_exchange: "{exchange}".to_owned(),
+            dead_letter_queue: false,
+            retry: RetryPolicy {
+                attempts: ATTEMPTS,
+                ..config().retry
+            },
+            ..config()
+        };
+        Arc::new(connect(config).await)
+    }
+
+    async fn dead_broker_error(&self) -> Result<Error, &'static str> {
+        let config = RabbitMqConfig {
+            url: Some(SecretUrl::parse("amqp://guest:guest@127.0.0.1:1/%2f").unwrap()),
+            ..config()
+        };
+        Ok(RabbitMqProvider::connect(&ctx(), "dead", config)
+            .await
+            .unwrap_err())
+    }
+}
+
+conformance_tests!(RabbitMq);
 
 #[tokio::test]
 async fn round_trip_keeps_all_four_fields() {

@@ -206,9 +206,8 @@ impl Consumer {
                 Handled::Done
             }
             Outcome::Failed { error, attempts } => {
-                let routing_key = deliver.routing_key().clone();
                 let dead = self
-                    .dead_letter(live, &message, &routing_key, &error.to_string(), attempts)
+                    .dead_letter(live, &message, &error.to_string(), attempts)
                     .await;
                 let settle = if dead { Settle::Ack } else { Settle::Reject };
                 self.settle(live, tag, settle).await;
@@ -227,18 +226,18 @@ impl Consumer {
         &self,
         live: &Live,
         message: &Message,
-        routing_key: &str,
         error: &str,
         attempts: u32,
     ) -> bool {
         let dead = propagation::dead_letter(message, &self.topic, error, attempts);
         let exchange = self.inner.config.dead_letter_exchange_name();
+        let routing_key = self.inner.config.dead_letter_topic_for(&self.topic);
         let published = match codec::encode(&dead) {
             Ok((properties, body)) => tokio::time::timeout(
                 DEAD_LETTER_TIMEOUT,
                 live.session
                     .publisher
-                    .publish(&exchange, routing_key, properties, body),
+                    .publish(&exchange, &routing_key, properties, body),
             )
             .await
             .unwrap_or_else(|_| {
@@ -255,6 +254,7 @@ impl Consumer {
                     driver = DRIVER,
                     topic = %self.topic,
                     dead_letter_exchange = %exchange,
+                    dead_letter_topic = %routing_key,
                     message_id = %message.id,
                     attempts,
                     "message dead-lettered"

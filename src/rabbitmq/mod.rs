@@ -33,14 +33,18 @@
 //!   with the connection: messages published while reconnecting do not reach it).
 //! - **Acks.** Acknowledgements are manual, with `prefetch` unacknowledged deliveries at most
 //!   per subscription. A subscription runs its handler on one delivery at a time, in order.
-//!   `Ok` acks. An error is retried in-process with the `retry` policy; when every attempt
+//!   `Ok` acks. An error is retried in-process with the `retry` policy. When every attempt
 //!   failed, the message, with the `dead_letter_*` headers of [`propagation::dead_letter`], is
 //!   published to the dead-letter exchange (`dead_letter_exchange`, a durable topic exchange)
-//!   with its routing key, and then acked. If that publish fails it is rejected without
-//!   requeue instead, and the queue's `x-dead-letter-exchange` argument sends it to the same
-//!   exchange, without the error headers. Every subscription also declares the durable queue
-//!   `<topic>.dlq`, bound to the dead-letter exchange with the topic, where dead letters wait.
-//!   A delivery whose retries are cut short by a stopping subscription is requeued.
+//!   with the routing key `dead_letter_topic` (`{topic}.dlq` by default), and once that is
+//!   confirmed the delivery is acked. If that publish fails the delivery is rejected without
+//!   requeue instead: the queue's `x-dead-letter-exchange` and `x-dead-letter-routing-key`
+//!   arguments send it the same way, but without the error headers. With `dead_letter_queue`
+//!   on (the default) every subscription declares a durable queue named after its dead-letter
+//!   topic, bound to the dead-letter exchange, where dead letters wait to be read. Setting
+//!   `dead_letter_exchange = "{exchange}"` instead makes dead letters a topic like any other,
+//!   for subscribers of `{topic}.dlq`. A delivery whose retries are cut short by a stopping
+//!   subscription is requeued.
 //! - **Connection loss.** amqprs does not reconnect; this driver does. When the connection is
 //!   lost (network failure, missed heartbeats, the server closing it), it reconnects with
 //!   capped exponential backoff (`reconnect_backoff` up to `reconnect_max_backoff`, trying each

@@ -154,9 +154,9 @@ pub(super) enum QueueSpec {
     Private,
 }
 
-/// Declares a subscription's queue, binds it to the exchange with `topic`, and declares the
-/// topic's dead-letter queue `<topic>.dlq` on the dead-letter exchange. Returns the queue's
-/// name.
+/// Declares a subscription's queue, binds it to the exchange with `topic`, and, when
+/// `dead_letter_queue` is on, declares the durable queue named after the topic's dead-letter
+/// topic, bound to the dead-letter exchange. Returns the queue's name.
 pub(super) async fn declare_subscription(
     channel: &Channel,
     watch: &ChannelWatch,
@@ -165,12 +165,16 @@ pub(super) async fn declare_subscription(
     queue: &QueueSpec,
 ) -> Result<String, RabbitMqError> {
     let dead_letter_exchange = config.dead_letter_exchange_name();
+    let dead_letter_topic = config.dead_letter_topic_for(topic);
+    check_short("a dead-letter topic", &dead_letter_topic)?;
     let mut arguments = FieldTable::new();
-    if let (Ok(key), Ok(value)) = (
-        "x-dead-letter-exchange".try_into(),
-        dead_letter_exchange.as_str().try_into(),
-    ) {
-        arguments.insert(key, FieldValue::S(value));
+    for (key, value) in [
+        ("x-dead-letter-exchange", &dead_letter_exchange),
+        ("x-dead-letter-routing-key", &dead_letter_topic),
+    ] {
+        if let (Ok(key), Ok(value)) = (key.try_into(), value.as_str().try_into()) {
+            arguments.insert(key, FieldValue::S(value));
+        }
     }
 
     let declare = match queue {
@@ -204,21 +208,21 @@ pub(super) async fn declare_subscription(
         .await
         .map_err(|error| watch.explain(error, "queue", &name))?;
 
-    let dead_letter_queue = format!("{topic}.dlq");
-    check_short("a dead-letter queue name", &dead_letter_queue)?;
-    channel
-        .queue_declare(QueueDeclareArguments::durable_client_named(
-            &dead_letter_queue,
-        ))
-        .await
-        .map_err(|error| watch.explain(error, "queue", &dead_letter_queue))?;
-    channel
-        .queue_bind(QueueBindArguments::new(
-            &dead_letter_queue,
-            &dead_letter_exchange,
-            topic,
-        ))
-        .await
-        .map_err(|error| watch.explain(error, "queue", &dead_letter_queue))?;
+    if config.dead_letter_queue {
+        channel
+            .queue_declare(QueueDeclareArguments::durable_client_named(
+                &dead_letter_topic,
+            ))
+            .await
+            .map_err(|error| watch.explain(error, "queue", &dead_letter_topic))?;
+        channel
+            .queue_bind(QueueBindArguments::new(
+                &dead_letter_topic,
+                &dead_letter_exchange,
+                &dead_letter_topic,
+            ))
+            .await
+            .map_err(|error| watch.explain(error, "queue", &dead_letter_topic))?;
+    }
     Ok(name)
 }

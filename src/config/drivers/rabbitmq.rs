@@ -46,6 +46,14 @@ pub struct RabbitMqConfig {
     /// The exchange failed messages go to; `{exchange}` is replaced by `exchange`.
     #[serde(default = "default_dead_letter_exchange")]
     pub dead_letter_exchange: String,
+    /// The routing key failed messages are published with to the dead-letter exchange;
+    /// `{topic}` is replaced by the subscription's topic.
+    #[serde(default = "default_dead_letter")]
+    pub dead_letter_topic: String,
+    /// Whether each subscription declares a durable queue named after its dead-letter topic,
+    /// bound to the dead-letter exchange, where failed messages wait to be read.
+    #[serde(default = "default_true")]
+    pub dead_letter_queue: bool,
     /// The name of a consumer group's durable queue; `{topic}` and `{group}` are replaced.
     #[serde(default = "default_queue")]
     pub queue: String,
@@ -100,6 +108,8 @@ impl Default for RabbitMqConfig {
             prefetch: default_prefetch(),
             retry: RetryPolicy::default(),
             dead_letter_exchange: default_dead_letter_exchange(),
+            dead_letter_topic: default_dead_letter(),
+            dead_letter_queue: true,
             queue: default_queue(),
             confirms: true,
             heartbeat: default_heartbeat(),
@@ -120,6 +130,11 @@ impl RabbitMqConfig {
     pub fn dead_letter_exchange_name(&self) -> String {
         self.dead_letter_exchange
             .replace("{exchange}", &self.exchange)
+    }
+
+    /// The routing key of the dead letters of `topic`.
+    pub fn dead_letter_topic_for(&self, topic: &str) -> String {
+        self.dead_letter_topic.replace("{topic}", topic)
     }
 
     /// The durable queue of consumer group `group` on `topic`.
@@ -143,6 +158,8 @@ impl DriverTable for RabbitMqConfig {
         RETRY_KEYS[2],
         RETRY_KEYS[3],
         ("dead_letter_exchange", ValueKind::Text),
+        ("dead_letter_topic", ValueKind::Text),
+        ("dead_letter_queue", ValueKind::Boolean),
         ("queue", ValueKind::Text),
         ("confirms", ValueKind::Boolean),
         ("heartbeat", ValueKind::Text),
@@ -165,6 +182,15 @@ impl DriverTable for RabbitMqConfig {
         }
         if self.dead_letter_exchange_name().len() > MAX_NAME_BYTES {
             return Err(invalid("dead_letter_exchange", "longer than 255 bytes"));
+        }
+        if self.dead_letter_exchange_name() == self.exchange
+            && (self.exchange_type == ExchangeKind::Fanout || self.dead_letter_topic == "{topic}")
+        {
+            return Err(invalid(
+                "dead_letter_exchange",
+                "dead letters would go back to the queues they failed in; use another exchange \
+                 or a `dead_letter_topic` that differs from the topic",
+            ));
         }
         if !self.queue.contains("{group}") {
             return Err(invalid(
