@@ -1,8 +1,10 @@
 //! Tests of the RabbitMQ driver against a real server.
 //!
-//! The server's URL comes from `TEST_RABBITMQ_URL` (default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`). Every test uses its own exchange and names, so
-//! they run in parallel; every wait is bounded.
+//! The server's URL comes from `TEST_RABBITMQ_URL` (or `TEST_RABBITMQ_ADDR` as `host:port`),
+//! by default `amqp://guest:guest@127.0.0.1:5672/%2f`. The reconnection tests also use
+//! `rabbitmqctl` to close this driver's connections from the server side, and are skipped
+//! where it cannot run. Every test uses its own exchange and names, so they run in parallel;
+//! every wait is bounded.
 
 #![cfg(feature = "rabbitmq")]
 
@@ -26,9 +28,15 @@ use conformance::{ATTEMPTS, Driver};
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// `TEST_RABBITMQ_URL`, or `TEST_RABBITMQ_ADDR` (`host:port`) with the guest user, or the
+/// local server.
 fn server_url() -> String {
-    std::env::var("TEST_RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    if let Ok(url) = std::env::var("TEST_RABBITMQ_URL") {
+        return url;
+    }
+    let address =
+        std::env::var("TEST_RABBITMQ_ADDR").unwrap_or_else(|_| "127.0.0.1:5672".to_owned());
+    format!("amqp://guest:guest@{address}/%2f")
 }
 
 fn unique(prefix: &str) -> String {
@@ -645,27 +653,25 @@ async fn operations_after_close_fail_and_a_stopped_context_stops_them() {
     assert!(matches!(error, Error::Closed { .. }), "{error}");
 }
 
-/// Closes, from the server side, the connections whose client-provided name is `name`.
-fn force_close(name: &str) -> usize {
+/// Closes, from the server side, the connections whose client-provided name is `name`, and
+/// says how many; `None` if `rabbitmqctl` cannot run here.
+fn force_close(name: &str) -> Option<usize> {
     let listing = std::process::Command::new("rabbitmqctl")
         .args(["list_connections", "-s", "pid", "client_properties"])
         .output()
-        .expect("rabbitmqctl runs");
+        .ok()
+        .filter(|output| output.status.success())?;
     let listing = String::from_utf8_lossy(&listing.stdout);
     let mut closed = 0;
     for line in listing.lines().filter(|line| line.contains(name)) {
         let Some(pid) = line.split_whitespace().next() else {
             continue;
         };
-        let status = std::process::Command::new("rabbitmqctl")
-            .args(["close_connection", pid, "closed by a broker test"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("rabbitmqctl runs");
-        assert!(status.success());
-        closed += 1;
+        if rabbitmqctl(&["close_connection", pid, "closed by a broker test"]) {
+            closed += 1;
+        }
     }
-    closed
+    Some(closed)
 }
 
 #[tokio::test]
@@ -700,10 +706,11 @@ async fn publishing_and_subscriptions_resume_after_the_connection_is_lost() {
     };
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        force_close(&name) >= 1,
-        "our connection was found and closed"
-    );
+    let Some(closed) = force_close(&name) else {
+        eprintln!("skipped: rabbitmqctl cannot run here");
+        return;
+    };
+    assert!(closed >= 1, "our connection was found and closed");
     let confirmed = tokio::time::timeout(Duration::from_secs(60), publisher)
         .await
         .expect("publishing finishes")
@@ -806,7 +813,7 @@ async fn a_publish_during_an_outage_waits_for_its_deadline_then_succeeds_once_re
         &user.name,
         "second-password"
     ]));
-    assert!(force_close(&name) >= 1);
+    assert!(force_close(&name).is_some_and(|closed| closed >= 1));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let short = Context::new().with_timeout(Duration::from_millis(1500));
