@@ -123,6 +123,9 @@ impl Publisher {
             } else {
                 None
             };
+            // Cancelling this future is safe: the client sends the frame with one channel
+            // send, so a cancelled publish was not sent and the next one reuses its tag (and
+            // replaces its waiter).
             if let Err(error) = self.channel.basic_publish(properties, body, args).await {
                 lock(&self.pending).waiting.remove(&tag);
                 self.lost.cancel();

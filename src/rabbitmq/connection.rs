@@ -209,7 +209,7 @@ async fn supervise(link: Weak<Link>, closing: CancellationToken) {
 }
 
 /// The wait before reconnection attempt `attempt` (1 for the first).
-fn backoff(config: &RabbitMqConfig, attempt: u32) -> Duration {
+pub(super) fn backoff(config: &RabbitMqConfig, attempt: u32) -> Duration {
     let exponent = attempt.saturating_sub(1).min(30);
     config
         .reconnect_backoff

@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
 use super::codec;
-use super::connection::{Link, Session};
+use super::connection::{Link, Session, backoff};
 use super::error::RabbitMqError;
 use super::topology::{ChannelWatch, QueueSpec, declare_subscription};
 use super::{DRIVER, Inner};
@@ -105,7 +105,12 @@ impl Consumer {
                         session = self.link().session() => session,
                     };
                     let Some(session) = session else { break };
-                    match self.start(&session).await {
+                    let started = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        started = self.start(&session) => started,
+                    };
+                    match started {
                         Ok(current) => {
                             failures = 0;
                             tracing::info!(
@@ -119,7 +124,7 @@ impl Consumer {
                         }
                         Err(error) => {
                             failures = failures.saturating_add(1);
-                            let delay = self.inner.config.retry.backoff(failures);
+                            let delay = backoff(&self.inner.config, failures);
                             tracing::warn!(
                                 connection = %self.inner.name,
                                 driver = DRIVER,

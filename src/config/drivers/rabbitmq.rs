@@ -222,3 +222,66 @@ impl DriverTable for RabbitMqConfig {
         validate_retry(&self.retry)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> RabbitMqConfig {
+        RabbitMqConfig {
+            url: SecretUrl::parse("amqp://guest:guest@localhost:5672/%2f").ok(),
+            exchange: "orders".to_owned(),
+            ..RabbitMqConfig::default()
+        }
+    }
+
+    fn key_of(config: &RabbitMqConfig) -> Option<String> {
+        config.validate().err().map(|(key, _)| key)
+    }
+
+    #[test]
+    fn names_are_built_from_their_templates() {
+        let config = valid();
+
+        assert_eq!(config.queue_name("created", "billing"), "created.billing");
+        assert_eq!(config.dead_letter_exchange_name(), "orders.dlx");
+        assert_eq!(config.dead_letter_topic_for("created"), "created.dlq");
+        assert_eq!(key_of(&config), None);
+    }
+
+    #[test]
+    fn invalid_settings_name_their_key() {
+        let shared_queue = RabbitMqConfig {
+            queue: "{topic}".to_owned(),
+            ..valid()
+        };
+        let looping = RabbitMqConfig {
+            dead_letter_exchange: "{exchange}".to_owned(),
+            dead_letter_topic: "{topic}".to_owned(),
+            ..valid()
+        };
+        let long_name = RabbitMqConfig {
+            connection_name: "n".repeat(300),
+            ..valid()
+        };
+        let slow_first = RabbitMqConfig {
+            reconnect_backoff: Duration::from_secs(60),
+            ..valid()
+        };
+
+        assert_eq!(key_of(&shared_queue).as_deref(), Some("queue"));
+        assert_eq!(key_of(&looping).as_deref(), Some("dead_letter_exchange"));
+        assert_eq!(key_of(&long_name).as_deref(), Some("connection_name"));
+        assert_eq!(key_of(&slow_first).as_deref(), Some("reconnect_backoff"));
+    }
+
+    #[test]
+    fn dead_letters_may_be_a_topic_of_the_same_exchange() {
+        let config = RabbitMqConfig {
+            dead_letter_exchange: "{exchange}".to_owned(),
+            ..valid()
+        };
+
+        assert_eq!(key_of(&config), None);
+    }
+}
