@@ -968,3 +968,100 @@ async fn a_fanout_exchange_without_confirms_delivers_to_every_queue() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_message_whose_retries_are_cut_short_goes_back_to_its_queue() {
+    let provider = connect(RabbitMqConfig {
+        retry: RetryPolicy {
+            attempts: 5,
+            initial_backoff: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(30),
+            multiplier: 1.0,
+        },
+        ..config()
+    })
+    .await;
+    let topic = unique("interrupted");
+    let (failed_sender, mut failed) = mpsc::unbounded_channel();
+    let failing = provider
+        .subscribe_group_fn(
+            &ctx(),
+            &topic,
+            "g",
+            move |_ctx: Context, message: Message| {
+                let _ = failed_sender.send((0, message));
+                std::future::ready(Err::<(), _>(std::io::Error::other("not now")))
+            },
+        )
+        .await
+        .unwrap();
+    let message = Message::new("try again later");
+    provider
+        .publish(&ctx(), &topic, message.clone())
+        .await
+        .unwrap();
+    receive(&mut failed).await;
+
+    // Stopping during the 30 s backoff gives the message back instead of dead-lettering it.
+    tokio::time::timeout(WAIT, failing.stop())
+        .await
+        .expect("stop does not wait for the backoff");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let next = provider
+        .subscribe_group_fn(&ctx(), &topic, "g", forward(0, sender))
+        .await
+        .unwrap();
+    let (_, got) = receive(&mut receiver).await;
+    assert_eq!(got.id, message.id);
+
+    next.stop().await;
+    clean_up(provider, &[format!("{topic}.g"), format!("{topic}.dlq")]).await;
+}
+
+#[tokio::test]
+async fn a_subscription_whose_queue_was_deleted_declares_it_again() {
+    let provider = connect(RabbitMqConfig {
+        reconnect_backoff: Duration::from_millis(50),
+        ..config()
+    })
+    .await;
+    let topic = unique("recreated");
+    let queue = format!("{topic}.g");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let subscription = provider
+        .subscribe_group_fn(&ctx(), &topic, "g", forward(0, sender))
+        .await
+        .unwrap();
+
+    let channel = provider.open_channel(&ctx()).await.unwrap();
+    channel
+        .queue_delete(QueueDeleteArguments::new(&queue))
+        .await
+        .unwrap();
+    let _ = channel.close().await;
+
+    // Until the queue is back, publishing is unroutable; then the message flows again.
+    let message = Message::new("after the deletion");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match provider.publish(&ctx(), &topic, message.clone()).await {
+            Ok(()) => break,
+            Err(error) => {
+                assert!(
+                    matches!(rabbit_error(&error), RabbitMqError::Unroutable { .. }),
+                    "{error}"
+                );
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the queue never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let (_, got) = receive(&mut receiver).await;
+    assert_eq!(got.id, message.id);
+
+    subscription.stop().await;
+    clean_up(provider, &[queue, format!("{topic}.dlq")]).await;
+}
