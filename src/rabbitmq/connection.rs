@@ -131,8 +131,12 @@ async fn supervise(link: Weak<Link>, closing: CancellationToken) {
             return;
         };
         tokio::select! {
+            biased;
             _ = closing.cancelled() => return,
             _ = session.lost.cancelled() => {}
+        }
+        if closing.is_cancelled() {
+            return;
         }
 
         let Some((name, config)) = link
