@@ -1065,3 +1065,22 @@ async fn a_subscription_whose_queue_was_deleted_declares_it_again() {
     subscription.stop().await;
     clean_up(provider, &[queue, format!("{topic}.dlq")]).await;
 }
+
+#[tokio::test]
+async fn settings_built_in_code_are_checked_before_connecting() {
+    let error = RabbitMqProvider::connect(
+        &ctx(),
+        "test",
+        RabbitMqConfig {
+            prefetch: 0,
+            ..config()
+        },
+    )
+    .await
+    .unwrap_err();
+
+    assert!(
+        matches!(rabbit_error(&error), RabbitMqError::InvalidSetting { key, .. } if key == "prefetch"),
+        "{error}"
+    );
+}

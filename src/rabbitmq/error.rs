@@ -80,6 +80,15 @@ pub enum RabbitMqError {
         reason: &'static str,
     },
 
+    /// A setting of [`RabbitMqConfig`](crate::config::RabbitMqConfig) is invalid.
+    #[error("the setting `{key}` is invalid: {message}")]
+    InvalidSetting {
+        /// The key within the `rabbitmq` table.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+
     /// Any other error of the client.
     #[error(transparent)]
     Client(#[from] amqprs::error::Error),

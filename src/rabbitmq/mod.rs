@@ -107,11 +107,15 @@ struct Inner {
 }
 
 impl RabbitMqProvider {
-    /// Connects the connection `name` within `ctx`: opens the connection, declares the
-    /// exchanges and opens the publishing channel. Each configured server is tried in turn.
+    /// Connects the connection `name` within `ctx`: checks the settings, opens the connection,
+    /// declares the exchanges and opens the publishing channel. Each configured server is tried
+    /// in turn.
     pub async fn connect(ctx: &Context, name: &str, config: RabbitMqConfig) -> Result<Self> {
         let address = config.all_urls().next().map(address_of).unwrap_or_default();
         let origin = || Origin::new(DRIVER, name, Operation::Connect, address.as_str());
+        config.check().map_err(|(key, message)| {
+            Error::broker(origin(), RabbitMqError::InvalidSetting { key, message })
+        })?;
         let link = ctx
             .run(origin, async {
                 Link::open(name, &config)

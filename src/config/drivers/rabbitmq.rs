@@ -132,6 +132,12 @@ impl RabbitMqConfig {
             .replace("{exchange}", &self.exchange)
     }
 
+    /// Checks the settings as the configuration parser does, for settings built in code:
+    /// `Err` holds the key at fault and what is wrong with it.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        DriverTable::validate(self)
+    }
+
     /// The routing key of the dead letters of `topic`.
     pub fn dead_letter_topic_for(&self, topic: &str) -> String {
         self.dead_letter_topic.replace("{topic}", topic)
