@@ -70,7 +70,7 @@ pub(super) fn decode(properties: &BasicProperties, body: Vec<u8>) -> Message {
                 None => tracing::debug!(
                     driver = "rabbitmq",
                     header = name,
-                    "header skipped: arrays and tables have no text form"
+                    "header skipped: arrays, tables and non-UTF-8 bytes have no text form"
                 ),
             }
         }
@@ -137,10 +137,26 @@ fn text(value: &FieldValue) -> Option<String> {
                 Err(_) => return None,
             }
         }
-        // A decimal's parts are private to the client; its text form is `Decimal(scale, value)`.
-        FieldValue::D(v) => v.to_string(),
+        FieldValue::D(v) => decimal_text(&v.to_string())?,
         FieldValue::A(_) | FieldValue::F(_) => return None,
     })
+}
+
+/// `123.45` from the client's `Decimal(2, 12345)`: the parts of a decimal are private to it,
+/// and only its text form shows them.
+fn decimal_text(shown: &str) -> Option<String> {
+    let inner = shown.strip_prefix("Decimal(")?.strip_suffix(')')?;
+    let (scale, value) = inner.split_once(',')?;
+    let scale: usize = scale.trim().parse().ok()?;
+    let value: i64 = value.trim().parse().ok()?;
+    let digits = value.unsigned_abs().to_string();
+    let sign = if value < 0 { "-" } else { "" };
+    if scale == 0 {
+        return Some(format!("{sign}{digits}"));
+    }
+    let digits = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = digits.split_at(digits.len() - scale);
+    Some(format!("{sign}{whole}.{fraction}"))
 }
 
 #[cfg(test)]
@@ -178,6 +194,17 @@ mod tests {
         assert_eq!(message.header("d"), Some("1.5"));
         assert_eq!(message.header("nested"), None);
         assert!(!message.id.is_empty());
+    }
+
+    #[test]
+    fn decimals_read_as_numbers() {
+        let text = |scale, value| {
+            decimal_text(&FieldValue::D(amqprs::DecimalValue::new(scale, value)).to_string())
+        };
+
+        assert_eq!(text(2, 12345).as_deref(), Some("123.45"));
+        assert_eq!(text(3, -5).as_deref(), Some("-0.005"));
+        assert_eq!(text(0, 7).as_deref(), Some("7"));
     }
 
     #[test]

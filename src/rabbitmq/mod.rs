@@ -19,8 +19,11 @@
 //! - **Messages.** The id is the `message_id` property, the time the `timestamp` property in
 //!   seconds plus the milliseconds in the `x-broker-timestamp-ms` header, every header a long
 //!   string in the headers table, and the body the content. Messages are persistent (delivery
-//!   mode 2). Headers another client sent with other AMQP types arrive as text (numbers,
-//!   booleans, UTF-8 byte arrays); arrays and nested tables are skipped with a debug log.
+//!   mode 2). Headers another client sent with other AMQP types arrive as text (integers,
+//!   floats, decimals, booleans, timestamps as seconds, UTF-8 byte arrays); arrays, nested
+//!   tables (such as RabbitMQ's own `x-death`) and other bytes are skipped with a debug log. A
+//!   message without `message_id` gets a fresh id, and one without a time the time it arrived.
+//!   The header `x-broker-timestamp-ms` is this driver's own and never reaches a handler.
 //! - **Publishing.** `publish` returns once the server's publisher confirm arrived (unless
 //!   `confirms = false`, then once it was written). A negative confirm is
 //!   [`RabbitMqError::Nacked`]. Messages are sent `mandatory`, so one that no queue is bound
