@@ -686,35 +686,63 @@ async fn publishing_and_subscriptions_resume_after_the_connection_is_lost() {
         .await
         .unwrap();
 
-    let publisher = {
-        let provider = Arc::clone(&provider);
-        let topic = topic.clone();
-        tokio::spawn(async move {
-            let mut confirmed = Vec::new();
-            for i in 0..60 {
-                let message = Message::new(format!("message {i}"));
-                let id = message.id.clone();
-                let ctx = Context::new().with_timeout(Duration::from_secs(30));
-                match provider.publish(&ctx, &topic, message).await {
-                    Ok(()) => confirmed.push(id),
-                    Err(error) => panic!("publish {i} failed: {error}"),
+    // Four publishers keep several publishes in flight until well after the connection is
+    // closed under them.
+    let closed_at = Arc::new(Mutex::new(None::<tokio::time::Instant>));
+    let done = tokio_util::sync::CancellationToken::new();
+    let publishers: Vec<_> = (0..4)
+        .map(|publisher| {
+            let provider = Arc::clone(&provider);
+            let topic = topic.clone();
+            let done = done.clone();
+            let closed_at = Arc::clone(&closed_at);
+            tokio::spawn(async move {
+                let (mut confirmed, mut after_close) = (Vec::new(), 0);
+                for i in 0.. {
+                    if done.is_cancelled() {
+                        break;
+                    }
+                    let message = Message::new(format!("publisher {publisher} message {i}"));
+                    let id = message.id.clone();
+                    let ctx = Context::new().with_timeout(Duration::from_secs(30));
+                    if let Err(error) = provider.publish(&ctx, &topic, message).await {
+                        panic!("publish {i} of {publisher} failed: {error}");
+                    }
+                    confirmed.push(id);
+                    if closed_at.lock().unwrap().is_some() {
+                        after_close += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            confirmed
+                (confirmed, after_close)
+            })
         })
-    };
+        .collect();
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let Some(closed) = force_close(&name) else {
+        done.cancel();
         eprintln!("skipped: rabbitmqctl cannot run here");
         return;
     };
     assert!(closed >= 1, "our connection was found and closed");
-    let confirmed = tokio::time::timeout(Duration::from_secs(60), publisher)
-        .await
-        .expect("publishing finishes")
-        .expect("every publish succeeds");
+    *closed_at.lock().unwrap() = Some(tokio::time::Instant::now());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    done.cancel();
+    let mut confirmed = Vec::new();
+    let mut after_close = 0;
+    for publisher in publishers {
+        let (ids, after) = tokio::time::timeout(Duration::from_secs(60), publisher)
+            .await
+            .expect("publishing finishes")
+            .expect("every publish succeeds");
+        confirmed.extend(ids);
+        after_close += after;
+    }
+    assert!(
+        after_close > 0,
+        "publishing resumed after the connection was closed"
+    );
 
     let mut seen: HashMap<String, usize> = HashMap::new();
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -736,9 +764,8 @@ async fn publishing_and_subscriptions_resume_after_the_connection_is_lost() {
         missing.len()
     );
     eprintln!(
-        "{} confirmed, {} duplicates after the reconnection",
-        confirmed.len(),
-        duplicates
+        "{} confirmed ({after_close} after the close), {duplicates} duplicates",
+        confirmed.len()
     );
 
     subscription.stop().await;
