@@ -72,6 +72,12 @@ async fn connect(config: RabbitMqConfig) -> RabbitMqProvider {
 
 /// Deletes the exchanges and queues a test declared, then closes the provider.
 async fn clean_up(provider: RabbitMqProvider, queues: &[String]) {
+    delete_topology(&provider, queues).await;
+    provider.close().await.expect("close succeeds");
+}
+
+/// Deletes `queues` and the provider's exchanges.
+async fn delete_topology(provider: &RabbitMqProvider, queues: &[String]) {
     if let Ok(channel) = provider.open_channel(&ctx()).await {
         for queue in queues {
             let _ = channel.queue_delete(QueueDeleteArguments::new(queue)).await;
@@ -84,7 +90,6 @@ async fn clean_up(provider: RabbitMqProvider, queues: &[String]) {
         }
         let _ = channel.close().await;
     }
-    provider.close().await.expect("close succeeds");
 }
 
 /// A handler that forwards every message it gets, tagged with `tag`.
@@ -151,6 +156,8 @@ impl Driver for RabbitMq {
             exchange: "broker.conformance".to_owned(),
             dead_letter_exchange: "{exchange}".to_owned(),
             dead_letter_queue: false,
+            // The suite's group queues go away on their own soon after it.
+            queue_expires: Duration::from_secs(10),
             retry: RetryPolicy {
                 attempts: ATTEMPTS,
                 ..config().retry
@@ -642,9 +649,7 @@ async fn operations_after_close_fail_and_a_stopped_context_stops_them() {
         .unwrap_err();
     assert!(matches!(error, Error::Cancelled { .. }), "{error}");
 
-    let config = provider.config().clone();
-    clean_up(provider, &[]).await;
-    let provider = connect(config).await;
+    delete_topology(&provider, &[]).await;
     provider.close().await.unwrap();
     let error = provider
         .publish(&ctx(), &topic, Message::new("x"))

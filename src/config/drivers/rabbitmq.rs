@@ -57,6 +57,10 @@ pub struct RabbitMqConfig {
     /// The name of a consumer group's durable queue; `{topic}` and `{group}` are replaced.
     #[serde(default = "default_queue")]
     pub queue: String,
+    /// How long a consumer group's queue may go unused (no consumer) before the server deletes
+    /// it, with the messages in it; zero keeps it forever.
+    #[serde(default, with = "humantime_serde")]
+    pub queue_expires: Duration,
     /// Whether `publish` waits for the broker's publisher confirm.
     #[serde(default = "default_true")]
     pub confirms: bool,
@@ -111,6 +115,7 @@ impl Default for RabbitMqConfig {
             dead_letter_topic: default_dead_letter(),
             dead_letter_queue: true,
             queue: default_queue(),
+            queue_expires: Duration::ZERO,
             confirms: true,
             heartbeat: default_heartbeat(),
             connection_name: String::new(),
@@ -167,6 +172,7 @@ impl DriverTable for RabbitMqConfig {
         ("dead_letter_topic", ValueKind::Text),
         ("dead_letter_queue", ValueKind::Boolean),
         ("queue", ValueKind::Text),
+        ("queue_expires", ValueKind::Text),
         ("confirms", ValueKind::Boolean),
         ("heartbeat", ValueKind::Text),
         ("connection_name", ValueKind::Text),
@@ -203,6 +209,9 @@ impl DriverTable for RabbitMqConfig {
                 "queue",
                 "must contain `{group}`, or every group would share one queue",
             ));
+        }
+        if u32::try_from(self.queue_expires.as_millis()).is_err() {
+            return Err(invalid("queue_expires", "at most 49 days"));
         }
         if self.heartbeat.as_secs() > u64::from(u16::MAX) {
             return Err(invalid("heartbeat", "at most 65535 seconds"));
