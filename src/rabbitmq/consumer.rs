@@ -238,11 +238,14 @@ impl Consumer {
         let exchange = self.inner.config.dead_letter_exchange_name();
         let routing_key = self.inner.config.dead_letter_topic_for(&self.topic);
         let published = match codec::encode(&dead) {
-            Ok((properties, body)) => tokio::time::timeout(
+            Ok(properties) => tokio::time::timeout(
                 DEAD_LETTER_TIMEOUT,
-                live.session
-                    .publisher
-                    .publish(&exchange, &routing_key, properties, body),
+                live.session.publisher.publish(
+                    &exchange,
+                    &routing_key,
+                    properties,
+                    dead.body.to_vec(),
+                ),
             )
             .await
             .unwrap_or_else(|_| {

@@ -203,8 +203,7 @@ impl Provider for RabbitMqProvider {
         self.check_open(Operation::Publish, topic)?;
         check_short("a routing key", topic).map_err(|error| Error::broker(origin(), error))?;
         propagation::inject(ctx, &mut message);
-        let (properties, body) =
-            codec::encode(&message).map_err(|error| Error::broker(origin(), error))?;
+        let properties = codec::encode(&message).map_err(|error| Error::broker(origin(), error))?;
 
         let exchange = &self.inner.config.exchange;
         ctx.run(origin, async {
@@ -223,7 +222,7 @@ impl Provider for RabbitMqProvider {
                 }
                 let published = session
                     .publisher
-                    .publish(exchange, topic, properties.clone(), body.clone())
+                    .publish(exchange, topic, properties.clone(), message.body.to_vec())
                     .await;
                 match published {
                     Ok(()) => return Ok(()),
