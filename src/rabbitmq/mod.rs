@@ -55,11 +55,26 @@
 //!   subscription. A publish during the outage waits for the new connection until its context
 //!   stops; a publish whose confirm was lost with the connection is sent again on the new one.
 //!   So delivery is at least once: duplicates are possible, loss of a confirmed message is not.
-//! - **Errors.** Failures are [`Error::Broker`] with a
-//!   [`RabbitMqError`] source (see [`RabbitMqError::of`]), naming the driver, connection,
-//!   operation and topic.
+//! - **Errors.** Failures are [`Error::Broker`] with a [`RabbitMqError`] source (see
+//!   [`RabbitMqError::of`]), naming the driver, connection, operation and topic: bad
+//!   credentials are [`RabbitMqError::AccessRefused`], a server that cannot be reached
+//!   [`RabbitMqError::Unreachable`]. A context that stops an operation gives
+//!   [`Error::Cancelled`] or [`Error::DeadlineExceeded`], and a closed provider
+//!   [`Error::Closed`].
 //!
-//! TLS (`amqps://`) is not part of this build yet.
+//! # The amqprs client
+//!
+//! [`RabbitMqProvider::connection`] gives the current amqprs [`Connection`] and
+//! [`RabbitMqProvider::open_channel`] a [`Channel`] of one's own, for what this interface does
+//! not cover (other exchanges, `basic.get`, queue inspection). amqprs itself is re-exported as
+//! [`amqprs`] so its types match.
+//!
+//! # Not supported yet
+//!
+//! - TLS (`amqps://`): it needs amqprs's `tls` feature behind this crate's `tls` feature.
+//! - Handlers of one subscription run one at a time; more subscribers in one group share the
+//!   load instead.
+//! - Exchange types `headers` and others than `topic`, `direct` and `fanout`.
 //!
 //! [`propagation::dead_letter`]: crate::propagation::dead_letter
 
