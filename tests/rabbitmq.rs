@@ -1116,3 +1116,48 @@ async fn settings_built_in_code_are_checked_before_connecting() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn an_exchange_deleted_under_the_provider_is_declared_again() {
+    let provider = connect(RabbitMqConfig {
+        reconnect_backoff: Duration::from_millis(50),
+        ..config()
+    })
+    .await;
+    let topic = unique("vanishing");
+    let channel = provider.open_channel(&ctx()).await.unwrap();
+    channel
+        .exchange_delete(ExchangeDeleteArguments::new(&provider.config().exchange))
+        .await
+        .unwrap();
+    let _ = channel.close().await;
+
+    // The server closes the publishing channel (404); the error says so, and the provider
+    // reconnects and declares the exchange again.
+    let error = provider
+        .publish(&ctx(), &topic, Message::new("into the void"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            rabbit_error(&error),
+            RabbitMqError::ChannelClosed { code: 404, .. }
+        ),
+        "{error}"
+    );
+
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let subscription = provider
+        .subscribe_group_fn(&ctx(), &topic, "g", forward(0, sender))
+        .await
+        .unwrap();
+    let message = Message::new("after the exchange came back");
+    provider
+        .publish(&ctx(), &topic, message.clone())
+        .await
+        .unwrap();
+    assert_eq!(receive(&mut receiver).await.1.id, message.id);
+
+    subscription.stop().await;
+    clean_up(provider, &[format!("{topic}.g"), format!("{topic}.dlq")]).await;
+}
