@@ -1161,3 +1161,56 @@ async fn an_exchange_deleted_under_the_provider_is_declared_again() {
     subscription.stop().await;
     clean_up(provider, &[format!("{topic}.g"), format!("{topic}.dlq")]).await;
 }
+
+#[tokio::test]
+async fn handlers_run_concurrently_up_to_the_configured_limit() {
+    let provider = connect(RabbitMqConfig {
+        concurrency: 4,
+        ..config()
+    })
+    .await;
+    let topic = unique("parallel");
+    let running = Arc::new(Mutex::new((0_usize, 0_usize)));
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let counted = Arc::clone(&running);
+    let subscription = provider
+        .subscribe_group_fn(
+            &ctx(),
+            &topic,
+            "g",
+            move |_ctx: Context, message: Message| {
+                let (counted, sender) = (Arc::clone(&counted), sender.clone());
+                async move {
+                    {
+                        let mut counts = counted.lock().unwrap();
+                        counts.0 += 1;
+                        counts.1 = counts.1.max(counts.0);
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    counted.lock().unwrap().0 -= 1;
+                    let _ = sender.send((0, message));
+                    Ok::<(), std::io::Error>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+
+    for i in 0..8 {
+        provider
+            .publish(&ctx(), &topic, Message::new(format!("slow {i}")))
+            .await
+            .unwrap();
+    }
+    for _ in 0..8 {
+        receive(&mut receiver).await;
+    }
+
+    assert_eq!(
+        running.lock().unwrap().1,
+        4,
+        "at most and at least 4 at once"
+    );
+    subscription.stop().await;
+    clean_up(provider, &[format!("{topic}.g"), format!("{topic}.dlq")]).await;
+}

@@ -8,6 +8,8 @@ use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicNackArguments, BasicQosArguments, Channel,
     ConsumerMessage,
 };
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
@@ -156,42 +158,59 @@ impl Consumer {
         );
     }
 
-    async fn consume(&self, mut live: Live, stop: &CancellationToken) -> Ended {
-        loop {
-            let delivery = tokio::select! {
+    /// Takes deliveries and runs up to `concurrency` handlers at once, until `stop` fires or
+    /// the channel goes away; then lets the running handlers finish and settles them.
+    async fn consume(&self, live: Live, stop: &CancellationToken) -> Ended {
+        let Live {
+            session,
+            channel,
+            queue,
+            mut deliveries,
+        } = live;
+        let limit = usize::from(self.inner.config.concurrency.max(1));
+        let mut running = FuturesUnordered::new();
+
+        let ended = loop {
+            tokio::select! {
                 biased;
-                _ = stop.cancelled() => {
-                    // Unacknowledged deliveries go back to the queue when the channel closes.
-                    let _ = live.channel.close().await;
-                    return Ended::Stopped;
-                }
-                _ = live.session.lost.cancelled() => return Ended::Lost,
-                delivery = live.deliveries.recv() => delivery,
-            };
-            let Some(delivery) = delivery else {
-                tracing::warn!(
-                    connection = %self.inner.name,
-                    driver = DRIVER,
-                    topic = %self.topic,
-                    queue = %live.queue,
-                    "the consumer's channel closed"
-                );
-                return Ended::Lost;
-            };
-            if self.handle(&live, delivery, stop).await == Handled::Interrupted {
-                let _ = live.channel.close().await;
-                return Ended::Stopped;
+                _ = stop.cancelled() => break Ended::Stopped,
+                Some(()) = running.next(), if !running.is_empty() => {}
+                _ = session.lost.cancelled() => break Ended::Lost,
+                delivery = deliveries.recv(), if running.len() < limit => match delivery {
+                    Some(delivery) => running.push(self.handle(&session, &channel, delivery, stop)),
+                    None => {
+                        tracing::warn!(
+                            connection = %self.inner.name,
+                            driver = DRIVER,
+                            topic = %self.topic,
+                            queue = %queue,
+                            "the consumer's channel closed"
+                        );
+                        break Ended::Lost;
+                    }
+                },
             }
+        };
+
+        // Running handlers finish (a stop only cuts their retries short) and are settled; after
+        // a loss their acknowledgements fail and the server delivers those messages again.
+        while running.next().await.is_some() {}
+        drop(running);
+        if let Ended::Stopped = ended {
+            // Deliveries not yet handled go back to the queue when the channel closes.
+            let _ = channel.close().await;
         }
+        ended
     }
 
     /// Runs the handler on one delivery and acknowledges it as its outcome says.
     async fn handle(
         &self,
-        live: &Live,
+        session: &Arc<Session>,
+        channel: &Channel,
         delivery: ConsumerMessage,
         stop: &CancellationToken,
-    ) -> Handled {
+    ) {
         let ConsumerMessage {
             deliver,
             basic_properties,
@@ -199,37 +218,30 @@ impl Consumer {
             ..
         } = delivery;
         let Some(deliver) = deliver else {
-            return Handled::Done;
+            return;
         };
         let tag = deliver.delivery_tag();
         let properties = basic_properties.unwrap_or_default();
         let message = codec::decode(&properties, content.unwrap_or_default());
 
-        match self.dispatcher.dispatch(&message, stop).await {
-            Outcome::Handled => {
-                self.settle(live, tag, Settle::Ack).await;
-                Handled::Done
-            }
+        let settle = match self.dispatcher.dispatch(&message, stop).await {
+            Outcome::Handled => Settle::Ack,
             Outcome::Failed { error, attempts } => {
                 let dead = self
-                    .dead_letter(live, &message, &error.to_string(), attempts)
+                    .dead_letter(session, &message, &error.to_string(), attempts)
                     .await;
-                let settle = if dead { Settle::Ack } else { Settle::Reject };
-                self.settle(live, tag, settle).await;
-                Handled::Done
+                if dead { Settle::Ack } else { Settle::Reject }
             }
-            Outcome::Interrupted => {
-                self.settle(live, tag, Settle::Requeue).await;
-                Handled::Interrupted
-            }
-        }
+            Outcome::Interrupted => Settle::Requeue,
+        };
+        self.settle(channel, tag, settle).await;
     }
 
     /// Publishes the failed message, with its error headers, to the dead-letter exchange and
     /// waits for the confirm. `false` if that failed.
     async fn dead_letter(
         &self,
-        live: &Live,
+        session: &Session,
         message: &Message,
         error: &str,
         attempts: u32,
@@ -240,17 +252,14 @@ impl Consumer {
         let published = match codec::encode(&dead) {
             Ok(properties) => tokio::time::timeout(
                 DEAD_LETTER_TIMEOUT,
-                live.session.publisher.publish(
-                    &exchange,
-                    &routing_key,
-                    properties,
-                    dead.body.to_vec(),
-                ),
+                session
+                    .publisher
+                    .publish(&exchange, &routing_key, properties, dead.body.to_vec()),
             )
             .await
             .unwrap_or_else(|_| {
                 Err(RabbitMqError::ConnectionLost {
-                    address: live.session.address.clone(),
+                    address: session.address.clone(),
                 })
             }),
             Err(error) => Err(error),
@@ -284,20 +293,16 @@ impl Consumer {
         }
     }
 
-    async fn settle(&self, live: &Live, tag: u64, settle: Settle) {
+    async fn settle(&self, channel: &Channel, tag: u64, settle: Settle) {
         let result = match settle {
-            Settle::Ack => {
-                live.channel
-                    .basic_ack(BasicAckArguments::new(tag, false))
-                    .await
-            }
+            Settle::Ack => channel.basic_ack(BasicAckArguments::new(tag, false)).await,
             Settle::Reject => {
-                live.channel
+                channel
                     .basic_nack(BasicNackArguments::new(tag, false, false))
                     .await
             }
             Settle::Requeue => {
-                live.channel
+                channel
                     .basic_nack(BasicNackArguments::new(tag, false, true))
                     .await
             }
@@ -320,12 +325,4 @@ enum Settle {
     /// `basic.nack` without requeue: the queue's dead-letter exchange takes it.
     Reject,
     Requeue,
-}
-
-/// Whether the consumer goes on after a delivery.
-#[derive(PartialEq, Eq)]
-enum Handled {
-    Done,
-    /// The subscription is stopping; the delivery went back to the queue.
-    Interrupted,
 }

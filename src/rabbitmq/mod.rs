@@ -35,7 +35,8 @@
 //!   an exclusive, auto-deleted, server-named queue of its own, which goes away with it (and
 //!   with the connection: messages published while reconnecting do not reach it).
 //! - **Acks.** Acknowledgements are manual, with `prefetch` unacknowledged deliveries at most
-//!   per subscription. A subscription runs its handler on one delivery at a time, in order.
+//!   per subscription. A subscription runs its handler on one delivery at a time, in order,
+//!   or on up to `concurrency` at once (concurrently within the subscription's task).
 //!   `Ok` acks. An error is retried in-process with the `retry` policy. When every attempt
 //!   failed, the message, with the `dead_letter_*` headers of [`propagation::dead_letter`], is
 //!   published to the dead-letter exchange (`dead_letter_exchange`, a durable topic exchange)
@@ -72,8 +73,6 @@
 //! # Not supported yet
 //!
 //! - TLS (`amqps://`): it needs amqprs's `tls` feature behind this crate's `tls` feature.
-//! - Handlers of one subscription run one at a time; more subscribers in one group share the
-//!   load instead.
 //! - Exchange types `headers` and others than `topic`, `direct` and `fanout`.
 //!
 //! [`propagation::dead_letter`]: crate::propagation::dead_letter

@@ -40,6 +40,10 @@ pub struct RabbitMqConfig {
     /// How many unacknowledged messages a consumer holds at once.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
+    /// How many handlers of one subscription run at once (at most `prefetch`); with 1, messages
+    /// are handled one at a time in the order they arrive.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u16,
     /// Retries of a failing handler before the message is dead-lettered.
     #[serde(default)]
     pub retry: RetryPolicy,
@@ -79,6 +83,10 @@ pub struct RabbitMqConfig {
     pub reconnect_max_backoff: Duration,
 }
 
+fn default_concurrency() -> u16 {
+    1
+}
+
 fn default_queue() -> String {
     "{topic}.{group}".to_owned()
 }
@@ -110,6 +118,7 @@ impl Default for RabbitMqConfig {
             exchange: String::new(),
             exchange_type: ExchangeKind::default(),
             prefetch: default_prefetch(),
+            concurrency: default_concurrency(),
             retry: RetryPolicy::default(),
             dead_letter_exchange: default_dead_letter_exchange(),
             dead_letter_topic: default_dead_letter(),
@@ -164,6 +173,7 @@ impl DriverTable for RabbitMqConfig {
         ("exchange", ValueKind::Text),
         ("exchange_type", ValueKind::Text),
         ("prefetch", ValueKind::Integer),
+        ("concurrency", ValueKind::Integer),
         RETRY_KEYS[0],
         RETRY_KEYS[1],
         RETRY_KEYS[2],
@@ -233,6 +243,12 @@ impl DriverTable for RabbitMqConfig {
         }
         if self.prefetch == 0 {
             return Err(invalid("prefetch", "must be at least 1"));
+        }
+        if self.concurrency == 0 || self.concurrency > self.prefetch {
+            return Err(invalid(
+                "concurrency",
+                "must be at least 1 and at most `prefetch`",
+            ));
         }
         validate_retry(&self.retry)
     }
