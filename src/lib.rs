@@ -55,6 +55,8 @@ pub mod config;
 mod context;
 mod error;
 mod handler;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 mod manager;
 pub mod memory;
 mod message;

@@ -149,6 +149,10 @@ async fn connect(ctx: &Context, name: &str, settings: DriverConfig) -> Result<Ar
     let driver = settings.driver();
     match settings {
         DriverConfig::Memory(settings) => Ok(Arc::new(MemoryProvider::new(name, settings))),
+        #[cfg(feature = "kafka")]
+        DriverConfig::Kafka(settings) => Ok(Arc::new(
+            crate::kafka::KafkaProvider::connect(ctx, name, settings).await?,
+        )),
         #[cfg(feature = "rabbitmq")]
         DriverConfig::RabbitMq(settings) => Ok(Arc::new(
             crate::rabbitmq::RabbitMqProvider::connect(ctx, name, settings).await?,

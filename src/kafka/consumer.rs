@@ -1,0 +1,489 @@
+//! Subscribing: reading partitions in order, handling each record, committing offsets after the
+//! handler succeeded, and following the consumer group through rebalances.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use rskafka::client::error::{Error as ClientError, ProtocolError};
+use rskafka::client::partition::{OffsetAt, PartitionClient};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::group::{GroupError, Member};
+use super::producer::{partition_client, partition_counts};
+use super::record::to_message;
+use crate::config::StartOffset;
+use crate::error::BoxError;
+use crate::handler::{Dispatcher, Outcome};
+use crate::message::Message;
+use crate::propagation;
+
+/// On a dead-lettered record: the partition it was read from.
+pub const DEAD_LETTER_PARTITION_HEADER: &str = "dead_letter_partition";
+/// On a dead-lettered record: its offset in that partition.
+pub const DEAD_LETTER_OFFSET_HEADER: &str = "dead_letter_offset";
+
+/// The longest wait between two attempts to reach a broker again.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
+
+/// Reads one topic for one subscription, as a group member or on its own.
+pub(crate) struct Consumer {
+    shared: Arc<Shared>,
+    topic: String,
+    dispatcher: Dispatcher,
+    dead_letter_topic: Option<String>,
+    partitions: HashMap<i32, Arc<PartitionClient>>,
+}
+
+/// Where each assigned partition starts: (partition, next offset to read).
+type Positions = Vec<(i32, i64)>;
+
+impl Consumer {
+    pub(crate) fn new(shared: Arc<Shared>, topic: &str, dispatcher: Dispatcher) -> Self {
+        let template = &shared.config.dead_letter_topic;
+        let dead_letter_topic = (!template.is_empty()).then(|| template.replace("{topic}", topic));
+        Consumer {
+            shared,
+            topic: topic.to_owned(),
+            dispatcher,
+            dead_letter_topic,
+            partitions: HashMap::new(),
+        }
+    }
+
+    /// The positions of a subscriber without a group: every partition, from its end now.
+    pub(crate) async fn positions_alone(&mut self, count: i32) -> Result<Positions, BoxError> {
+        let mut positions = Vec::new();
+        for partition in 0..count {
+            let client = self.partition(partition).await?;
+            positions.push((partition, client.get_offset(OffsetAt::Latest).await?));
+        }
+        Ok(positions)
+    }
+
+    /// Joins the group and finds where each assigned partition starts.
+    ///
+    /// A partition without a committed offset starts at `start_offset`, and that position is
+    /// committed at once, so whichever member reads the partition next starts there too.
+    pub(crate) async fn join(&mut self, member: &mut Member) -> Result<Positions, BoxError> {
+        let client = Arc::clone(&self.shared.client);
+        let partitions = member
+            .join(|topics| async move {
+                partition_counts(&client, &topics)
+                    .await
+                    .map_err(|error| error.to_string())
+            })
+            .await?;
+        let committed = member.committed(&partitions).await?;
+
+        let mut positions = Vec::new();
+        let mut fresh = Vec::new();
+        for partition in partitions {
+            let offset = match committed.get(&partition) {
+                Some(offset) => *offset,
+                None => {
+                    let offset = self.start_of(partition).await?;
+                    fresh.push((partition, offset));
+                    offset
+                }
+            };
+            positions.push((partition, offset));
+        }
+        if !fresh.is_empty() {
+            member.commit(&fresh).await?;
+        }
+
+        tracing::info!(
+            connection = %self.shared.name,
+            driver = "kafka",
+            topic = %self.topic,
+            group = member.group(),
+            generation = member.generation(),
+            partitions = ?positions.iter().map(|(partition, _)| partition).collect::<Vec<_>>(),
+            "joined the consumer group"
+        );
+        Ok(positions)
+    }
+
+    /// Reads until `stop` fires, without a group: nothing is committed.
+    pub(crate) async fn run_alone(mut self, positions: Positions, stop: CancellationToken) {
+        let readers = self.readers(&positions, None, &stop).await;
+        join_all(readers).await;
+    }
+
+    /// Reads as a group member until `stop` fires, joining again after every rebalance, then
+    /// leaves the group.
+    pub(crate) async fn run_in_group(
+        mut self,
+        member: Member,
+        mut positions: Positions,
+        stop: CancellationToken,
+    ) {
+        let member = Arc::new(Mutex::new(member));
+        loop {
+            let generation = stop.child_token();
+            let heartbeat = tokio::spawn(heartbeat(
+                Arc::clone(&member),
+                self.shared.config.heartbeat_interval,
+                generation.clone(),
+            ));
+
+            let readers = self.readers(&positions, Some(&member), &generation).await;
+            join_all(readers).await;
+            generation.cancelled().await;
+            heartbeat.abort();
+
+            if stop.is_cancelled() {
+                break;
+            }
+            match self.rejoin(&member, &stop).await {
+                Some(next) => positions = next,
+                None => break,
+            }
+        }
+
+        let mut member = member.lock().await;
+        match member.leave().await {
+            Ok(()) => tracing::info!(
+                connection = %self.shared.name,
+                driver = "kafka",
+                topic = %self.topic,
+                group = member.group(),
+                "left the consumer group"
+            ),
+            Err(error) => tracing::warn!(
+                connection = %self.shared.name,
+                driver = "kafka",
+                group = member.group(),
+                error = %error,
+                "could not leave the consumer group; the coordinator will drop the member"
+            ),
+        }
+    }
+
+    /// Joins again after a rebalance, retrying with capped backoff; `None` once `stop` fired.
+    async fn rejoin(
+        &mut self,
+        member: &Mutex<Member>,
+        stop: &CancellationToken,
+    ) -> Option<Positions> {
+        let mut attempt = 0;
+        loop {
+            let joined = {
+                let mut member = member.lock().await;
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    joined = self.join(&mut member) => joined,
+                }
+            };
+            match joined {
+                Ok(positions) => return Some(positions),
+                Err(error) => {
+                    attempt += 1;
+                    let delay = reconnect_delay(attempt);
+                    tracing::info!(
+                        connection = %self.shared.name,
+                        driver = "kafka",
+                        topic = %self.topic,
+                        attempt,
+                        delay = ?delay,
+                        error = %error,
+                        "joining the consumer group failed; trying again"
+                    );
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn readers(
+        &mut self,
+        positions: &Positions,
+        member: Option<&Arc<Mutex<Member>>>,
+        stop: &CancellationToken,
+    ) -> Vec<impl Future<Output = ()> + use<>> {
+        let mut readers = Vec::new();
+        for (partition, offset) in positions {
+            match self.partition(*partition).await {
+                Ok(client) => readers.push(read_partition(
+                    Arc::clone(&self.shared),
+                    self.topic.clone(),
+                    self.dispatcher.clone(),
+                    self.dead_letter_topic.clone(),
+                    client,
+                    *offset,
+                    member.cloned(),
+                    stop.clone(),
+                )),
+                Err(error) => {
+                    // Without this partition the member cannot do its share; joining again
+                    // gets a fresh start.
+                    tracing::warn!(
+                        connection = %self.shared.name,
+                        driver = "kafka",
+                        topic = %self.topic,
+                        partition,
+                        error = %error,
+                        "cannot reach the partition's leader"
+                    );
+                    stop.cancel();
+                }
+            }
+        }
+        readers
+    }
+
+    async fn partition(&mut self, partition: i32) -> Result<Arc<PartitionClient>, ClientError> {
+        if let Some(client) = self.partitions.get(&partition) {
+            return Ok(Arc::clone(client));
+        }
+        let client = Arc::new(partition_client(&self.shared.client, &self.topic, partition).await?);
+        self.partitions.insert(partition, Arc::clone(&client));
+        Ok(client)
+    }
+
+    async fn start_of(&mut self, partition: i32) -> Result<i64, ClientError> {
+        let at = match self.shared.config.start_offset {
+            StartOffset::Earliest => OffsetAt::Earliest,
+            StartOffset::Latest => OffsetAt::Latest,
+        };
+        self.partition(partition).await?.get_offset(at).await
+    }
+}
+
+/// Heartbeats until the generation ends; a rebalance or an eviction ends it.
+async fn heartbeat(member: Arc<Mutex<Member>>, interval: Duration, generation: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = generation.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let mut member = member.lock().await;
+        match member.heartbeat().await {
+            Ok(()) => {}
+            Err(error) if error.needs_rejoin() => {
+                tracing::info!(group = member.group(), reason = %error, "the consumer group is rebalancing");
+                generation.cancel();
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(group = member.group(), error = %error, "heartbeat failed");
+            }
+        }
+    }
+}
+
+/// Reads one partition in order until `stop` fires, handling each record and committing the
+/// offsets of handled records after each fetched batch.
+#[allow(clippy::too_many_arguments)]
+async fn read_partition(
+    shared: Arc<Shared>,
+    topic: String,
+    dispatcher: Dispatcher,
+    dead_letter_topic: Option<String>,
+    client: Arc<PartitionClient>,
+    mut offset: i64,
+    member: Option<Arc<Mutex<Member>>>,
+    stop: CancellationToken,
+) {
+    let partition = client.partition();
+    let config = &shared.config;
+    let max_wait = i32::try_from(config.fetch_max_wait.as_millis()).unwrap_or(i32::MAX);
+    let mut committed = offset;
+    let mut failures = 0;
+
+    while !stop.is_cancelled() {
+        let fetched = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            fetched = client.fetch_records(offset, 1..config.fetch_max_bytes, max_wait) => fetched,
+        };
+        let records = match fetched {
+            Ok((records, _high_watermark)) => {
+                failures = 0;
+                records
+            }
+            Err(ClientError::ServerError {
+                protocol_error: ProtocolError::OffsetOutOfRange,
+                ..
+            }) => {
+                let at = match config.start_offset {
+                    StartOffset::Earliest => OffsetAt::Earliest,
+                    StartOffset::Latest => OffsetAt::Latest,
+                };
+                if let Ok(reset) = client.get_offset(at).await {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        offset,
+                        reset,
+                        "offset out of range; starting over"
+                    );
+                    offset = reset;
+                }
+                continue;
+            }
+            Err(error) => {
+                failures += 1;
+                let delay = reconnect_delay(failures);
+                tracing::warn!(
+                    connection = %shared.name,
+                    driver = "kafka",
+                    topic,
+                    partition,
+                    attempt = failures,
+                    delay = ?delay,
+                    error = %error,
+                    "fetch failed; trying again"
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+
+        let mut interrupted = false;
+        for record in records {
+            if record.offset < offset {
+                continue;
+            }
+            if stop.is_cancelled() {
+                interrupted = true;
+                break;
+            }
+            let record_offset = record.offset;
+            let message = to_message(&topic, partition, record);
+            let done = match dispatcher.dispatch(&message, &stop).await {
+                Outcome::Handled => true,
+                Outcome::Failed { error, attempts } => {
+                    let dead =
+                        dead_letter(&message, &topic, partition, record_offset, &error, attempts);
+                    send_dead_letter(&shared, dead_letter_topic.as_deref(), dead, &stop).await
+                }
+                Outcome::Interrupted => false,
+            };
+            if !done {
+                interrupted = true;
+                break;
+            }
+            offset = record_offset + 1;
+        }
+
+        if let Some(member) = &member {
+            if offset > committed {
+                match member.lock().await.commit(&[(partition, offset)]).await {
+                    Ok(()) => committed = offset,
+                    Err(error) => {
+                        let rejoin = error.needs_rejoin();
+                        log_commit_failure(&shared, &topic, partition, offset, &error);
+                        if rejoin {
+                            stop.cancel();
+                        }
+                    }
+                }
+            }
+        }
+        if interrupted {
+            break;
+        }
+    }
+}
+
+fn log_commit_failure(
+    shared: &Shared,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    error: &GroupError,
+) {
+    tracing::warn!(
+        connection = %shared.name,
+        driver = "kafka",
+        topic,
+        partition,
+        offset,
+        error = %error,
+        "offset commit failed; records after the last commit will be delivered again"
+    );
+}
+
+fn dead_letter(
+    message: &Message,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    error: &BoxError,
+    attempts: u32,
+) -> Message {
+    let mut dead = propagation::dead_letter(message, topic, &error.to_string(), attempts);
+    dead.set_header(DEAD_LETTER_PARTITION_HEADER, partition.to_string());
+    dead.set_header(DEAD_LETTER_OFFSET_HEADER, offset.to_string());
+    dead
+}
+
+/// Publishes a dead letter, retrying until it is stored or `stop` fires; whether it was
+/// stored (or dead-lettering is off, which is logged).
+async fn send_dead_letter(
+    shared: &Shared,
+    target: Option<&str>,
+    dead: Message,
+    stop: &CancellationToken,
+) -> bool {
+    let Some(target) = target else {
+        tracing::error!(
+            connection = %shared.name,
+            driver = "kafka",
+            message_id = %dead.id,
+            "handler failed on every attempt and no dead-letter topic is set: record skipped"
+        );
+        return true;
+    };
+
+    let mut attempt = 0;
+    loop {
+        match shared.producer.send(target, &dead).await {
+            Ok(_) => {
+                tracing::warn!(
+                    connection = %shared.name,
+                    driver = "kafka",
+                    dead_letter_topic = target,
+                    message_id = %dead.id,
+                    "message dead-lettered"
+                );
+                return true;
+            }
+            Err(error) => {
+                attempt += 1;
+                let delay = reconnect_delay(attempt);
+                tracing::warn!(
+                    connection = %shared.name,
+                    driver = "kafka",
+                    dead_letter_topic = target,
+                    attempt,
+                    error = %error,
+                    "dead-lettering failed; trying again"
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// 100 ms doubling per attempt, at most [`MAX_RECONNECT_DELAY`].
+pub(crate) fn reconnect_delay(attempt: u32) -> Duration {
+    let exponent = attempt.saturating_sub(1).min(16);
+    Duration::from_millis(100u64 << exponent).min(MAX_RECONNECT_DELAY)
+}

@@ -1,0 +1,196 @@
+//! One connection to one Kafka broker for the consumer-group requests rskafka does not make:
+//! framing, request headers, and the choice of each API's version.
+
+use std::collections::HashMap;
+use std::io;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use kafka_protocol::messages::{ApiVersionsRequest, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The largest response accepted, to bound memory when a peer sends garbage.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// What went wrong talking to a broker.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WireError {
+    #[error("cannot reach {address}: {source}")]
+    Connect { address: String, source: io::Error },
+    #[error("connection to {address} failed: {source}")]
+    Io { address: String, source: io::Error },
+    #[error("{address} did not answer within {timeout:?}")]
+    Timeout { address: String, timeout: Duration },
+    #[error("cannot encode or decode a request to {address}: {message}")]
+    Protocol { address: String, message: String },
+    #[error("{address} supports no version of API {api_key} in {ours:?}")]
+    Version {
+        address: String,
+        api_key: i16,
+        ours: RangeInclusive<i16>,
+    },
+}
+
+/// A connection that sends one request at a time and reads its response.
+pub(crate) struct Connection {
+    address: String,
+    stream: TcpStream,
+    client_id: StrBytes,
+    correlation_id: i32,
+    versions: HashMap<i16, RangeInclusive<i16>>,
+}
+
+impl Connection {
+    /// Connects to `address` and learns which API versions it supports.
+    pub(crate) async fn open(
+        address: &str,
+        client_id: &str,
+        timeout: Duration,
+    ) -> Result<Connection, WireError> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| WireError::Timeout {
+                address: address.to_owned(),
+                timeout,
+            })?
+            .map_err(|source| WireError::Connect {
+                address: address.to_owned(),
+                source,
+            })?;
+        // Small requests (heartbeats, commits) must not wait for Nagle's algorithm.
+        stream.set_nodelay(true).map_err(|source| WireError::Io {
+            address: address.to_owned(),
+            source,
+        })?;
+
+        let mut connection = Connection {
+            address: address.to_owned(),
+            stream,
+            client_id: StrBytes::from_string(client_id.to_owned()),
+            correlation_id: 0,
+            versions: HashMap::new(),
+        };
+        let supported = connection
+            .send(&ApiVersionsRequest::default(), 0, timeout)
+            .await?;
+        connection.versions = supported
+            .api_keys
+            .iter()
+            .map(|api| (api.api_key, api.min_version..=api.max_version))
+            .collect();
+        Ok(connection)
+    }
+
+    /// The newest version of `R` that both this client (`ours`) and the broker support.
+    pub(crate) fn version<R: Request>(&self, ours: RangeInclusive<i16>) -> Result<i16, WireError> {
+        let theirs = self.versions.get(&R::KEY);
+        let chosen = theirs.and_then(|theirs| {
+            let high = (*ours.end()).min(*theirs.end());
+            let low = (*ours.start()).max(*theirs.start());
+            (low <= high).then_some(high)
+        });
+        chosen.ok_or_else(|| WireError::Version {
+            address: self.address.clone(),
+            api_key: R::KEY,
+            ours,
+        })
+    }
+
+    /// Sends `request` as `version` and waits at most `timeout` for its response.
+    pub(crate) async fn send<R: Request>(
+        &mut self,
+        request: &R,
+        version: i16,
+        timeout: Duration,
+    ) -> Result<R::Response, WireError> {
+        let address = self.address.clone();
+        tokio::time::timeout(timeout, self.exchange(request, version))
+            .await
+            .map_err(|_| WireError::Timeout { address, timeout })?
+    }
+
+    async fn exchange<R: Request>(
+        &mut self,
+        request: &R,
+        version: i16,
+    ) -> Result<R::Response, WireError> {
+        self.correlation_id = self.correlation_id.wrapping_add(1);
+        let correlation_id = self.correlation_id;
+        let header = RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_correlation_id(correlation_id)
+            .with_client_id(Some(self.client_id.clone()));
+
+        let mut body = BytesMut::new();
+        header
+            .encode(&mut body, R::header_version(version))
+            .and_then(|()| request.encode(&mut body, version))
+            .map_err(|error| self.protocol_error(error))?;
+        let mut frame = BytesMut::with_capacity(body.len() + 4);
+        frame.put_i32(frame_length(body.len()));
+        frame.extend_from_slice(&body);
+        self.stream
+            .write_all(&frame)
+            .await
+            .map_err(|source| self.io_error(source))?;
+
+        let length = self
+            .stream
+            .read_i32()
+            .await
+            .map_err(|source| self.io_error(source))?;
+        let length = usize::try_from(length)
+            .ok()
+            .filter(|length| *length <= MAX_RESPONSE_BYTES)
+            .ok_or_else(|| self.protocol_error(format!("bad response length {length}")))?;
+        let mut response = vec![0; length];
+        self.stream
+            .read_exact(&mut response)
+            .await
+            .map_err(|source| self.io_error(source))?;
+
+        let mut response = bytes::Bytes::from(response);
+        let header = ResponseHeader::decode(&mut response, R::Response::header_version(version))
+            .map_err(|error| self.protocol_error(error))?;
+        if header.correlation_id != correlation_id {
+            return Err(self.protocol_error(format!(
+                "response to request {} arrived for request {correlation_id}",
+                header.correlation_id
+            )));
+        }
+        let decoded = R::Response::decode(&mut response, version)
+            .map_err(|error| self.protocol_error(error))?;
+        if response.has_remaining() {
+            tracing::trace!(
+                broker = %self.address,
+                api_key = R::KEY,
+                left = response.remaining(),
+                "response had bytes past its end"
+            );
+        }
+        Ok(decoded)
+    }
+
+    fn io_error(&self, source: io::Error) -> WireError {
+        WireError::Io {
+            address: self.address.clone(),
+            source,
+        }
+    }
+
+    fn protocol_error(&self, error: impl std::fmt::Display) -> WireError {
+        WireError::Protocol {
+            address: self.address.clone(),
+            message: error.to_string(),
+        }
+    }
+}
+
+fn frame_length(length: usize) -> i32 {
+    // Requests are a few kilobytes at most; anything that does not fit is a bug worth seeing.
+    i32::try_from(length).unwrap_or(i32::MAX)
+}
