@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use amqprs::Close;
 use amqprs::callbacks::ConnectionCallback;
+use amqprs::channel::Channel;
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -30,6 +31,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// own failure notice.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long closing a channel or connection may wait for the server's answer: a half-open
+/// connection never answers.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `channel`, best effort and without waiting long.
+pub(super) async fn close_channel(channel: Channel) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close()).await;
+}
+
+/// Closes `connection`, best effort and without waiting long.
+async fn close_connection(connection: Connection) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close()).await;
+}
+
 /// One open connection with its publishing channel.
 pub(super) struct Session {
     pub(super) connection: Connection,
@@ -44,8 +59,8 @@ impl Session {
     /// Closes the publishing channel and the connection, best effort.
     async fn close(&self) {
         self.lost.cancel();
-        let _ = self.publisher.channel().clone().close().await;
-        let _ = self.connection.clone().close().await;
+        close_channel(self.publisher.channel().clone()).await;
+        close_connection(self.connection.clone()).await;
     }
 }
 
@@ -279,7 +294,7 @@ async fn open_session(
         let channel = connection.open_channel(None).await?;
         let watch = ChannelWatch::register(&channel).await?;
         declare_exchanges(&channel, &watch, config).await?;
-        let _ = channel.close().await;
+        close_channel(channel).await;
 
         let channel = connection.open_channel(None).await?;
         Publisher::new(channel, config.confirms, lost.clone(), address.clone()).await
@@ -293,7 +308,7 @@ async fn open_session(
         }),
         Err(error) => {
             lost.cancel();
-            let _ = connection.close().await;
+            close_connection(connection).await;
             Err(error)
         }
     }

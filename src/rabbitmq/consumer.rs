@@ -14,7 +14,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
 use super::codec;
-use super::connection::{Link, Session, backoff};
+use super::connection::{Link, Session, backoff, close_channel};
 use super::error::RabbitMqError;
 use super::topology::{ChannelWatch, QueueSpec, declare_subscription};
 use super::{DRIVER, Inner};
@@ -87,7 +87,7 @@ impl Consumer {
                 deliveries,
             }),
             Err(error) => {
-                let _ = channel.close().await;
+                close_channel(channel).await;
                 Err(error)
             }
         }
@@ -198,7 +198,7 @@ impl Consumer {
         drop(running);
         if let Ended::Stopped = ended {
             // Deliveries not yet handled go back to the queue when the channel closes.
-            let _ = channel.close().await;
+            close_channel(channel).await;
         }
         ended
     }

@@ -95,7 +95,7 @@ pub use amqprs;
 pub use error::RabbitMqError;
 
 use self::codec::check_short;
-use self::connection::{Link, address_of};
+use self::connection::{Link, address_of, close_channel};
 use self::consumer::Consumer;
 use crate::config::RabbitMqConfig;
 use crate::context::Context;
@@ -313,7 +313,7 @@ impl Provider for RabbitMqProvider {
                 .open_channel(None)
                 .await
                 .map_err(|error| Error::broker(origin(), RabbitMqError::from(error)))?;
-            let _ = channel.close().await;
+            close_channel(channel).await;
             Ok(())
         })
         .await
