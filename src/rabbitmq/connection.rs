@@ -469,3 +469,64 @@ impl ConnectionCallback for LossCallback {
 
     async fn secret_updated(&mut self, _connection: &Connection) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_for(url: &str) -> OpenConnectionArguments {
+        let config = RabbitMqConfig {
+            heartbeat: Duration::from_secs(15),
+            ..RabbitMqConfig::default()
+        };
+        arguments("orders", &config, &SecretUrl::parse(url).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn urls_become_connection_arguments() {
+        let args = args_for("amqp://user:p%40ss@rabbit.local:5673/%2f");
+
+        assert_eq!(args.get_host(), "rabbit.local");
+        assert_eq!(args.get_port(), 5673);
+        assert_eq!(args.get_virtual_host(), "/");
+        assert_eq!(args.get_heartbeat(), 15);
+        assert_eq!(args.get_connection_name(), Some("orders"));
+    }
+
+    #[test]
+    fn the_virtual_host_and_port_have_defaults() {
+        assert_eq!(args_for("amqp://rabbit.local").get_virtual_host(), "/");
+        assert_eq!(args_for("amqp://rabbit.local/").get_port(), 5672);
+        assert_eq!(args_for("amqp://h/sales").get_virtual_host(), "sales");
+        assert_eq!(args_for("amqp://h/a%2Fb").get_virtual_host(), "a/b");
+    }
+
+    #[test]
+    fn percent_escapes_are_decoded_and_broken_ones_kept() {
+        assert_eq!(percent_decode("p%40ss%2f"), "p@ss/");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn tls_urls_are_refused_for_now() {
+        let url = SecretUrl::parse("amqps://h:5671/").unwrap();
+
+        assert!(arguments("orders", &RabbitMqConfig::default(), &url).is_err());
+        assert_eq!(address_of(&url), "h:5671");
+    }
+
+    #[test]
+    fn reconnection_waits_grow_and_are_capped() {
+        let config = RabbitMqConfig {
+            reconnect_backoff: Duration::from_millis(100),
+            reconnect_max_backoff: Duration::from_millis(350),
+            ..RabbitMqConfig::default()
+        };
+
+        assert_eq!(backoff(&config, 1), Duration::from_millis(100));
+        assert_eq!(backoff(&config, 2), Duration::from_millis(200));
+        assert_eq!(backoff(&config, 3), Duration::from_millis(350));
+        assert_eq!(backoff(&config, u32::MAX), Duration::from_millis(350));
+    }
+}
