@@ -68,7 +68,9 @@ pub struct RabbitMqConfig {
     /// Whether `publish` waits for the broker's publisher confirm.
     #[serde(default = "default_true")]
     pub confirms: bool,
-    /// The heartbeat interval asked of the server (whole seconds; zero turns heartbeats off).
+    /// The heartbeat interval asked of the server, in whole seconds; the smaller of this and the
+    /// server's wins, and zero takes the server's. A connection that misses two heartbeats is
+    /// considered lost.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
     /// The name the connection shows in the management UI; empty for the connection's own
@@ -223,8 +225,8 @@ impl DriverTable for RabbitMqConfig {
         if u32::try_from(self.queue_expires.as_millis()).is_err() {
             return Err(invalid("queue_expires", "at most 49 days"));
         }
-        if self.heartbeat.as_secs() > u64::from(u16::MAX) {
-            return Err(invalid("heartbeat", "at most 65535 seconds"));
+        if self.heartbeat.as_secs() > u64::from(u16::MAX) || self.heartbeat.subsec_nanos() != 0 {
+            return Err(invalid("heartbeat", "whole seconds, at most 65535"));
         }
         if self.connection_name.len() > MAX_NAME_BYTES {
             return Err(invalid("connection_name", "longer than 255 bytes"));
