@@ -145,9 +145,19 @@ impl Consumer {
                     }
                 }
             };
+            let session = Arc::clone(&current.session);
             match self.consume(current, &stop).await {
                 Ended::Stopped => break,
-                Ended::Lost => {}
+                Ended::Lost if session.lost.is_cancelled() => {}
+                Ended::Lost => {
+                    // Only this channel went away (say, its queue was deleted): start again
+                    // on the same connection after a pause, so a channel that keeps closing
+                    // is not reopened in a tight loop.
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff(&self.inner.config, 1)) => {}
+                    }
+                }
             }
         }
         tracing::debug!(
