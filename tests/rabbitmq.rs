@@ -1214,3 +1214,27 @@ async fn handlers_run_concurrently_up_to_the_configured_limit() {
     subscription.stop().await;
     clean_up(provider, &[format!("{topic}.g"), format!("{topic}.dlq")]).await;
 }
+
+#[tokio::test]
+async fn a_body_larger_than_a_frame_arrives_whole() {
+    let provider = connect(config()).await;
+    let topic = unique("large");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let subscription = provider
+        .subscribe_group_fn(&ctx(), &topic, "g", forward(0, sender))
+        .await
+        .unwrap();
+
+    let body: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let message = Message::new(body);
+    provider
+        .publish(&ctx(), &topic, message.clone())
+        .await
+        .unwrap();
+
+    let (_, got) = receive(&mut receiver).await;
+    assert_eq!(got.body, message.body);
+
+    subscription.stop().await;
+    clean_up(provider, &[format!("{topic}.g"), format!("{topic}.dlq")]).await;
+}
