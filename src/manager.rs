@@ -76,7 +76,7 @@ impl Manager {
         for (name, connected) in results {
             match connected {
                 Ok(provider) => {
-                    tracing::info!(connection = %name, driver = provider.driver(), "connected");
+                    tracing::info!(connection = %name, driver = %provider.driver(), "connected");
                     providers.insert(name, provider);
                 }
                 Err(error) => {

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MemoryConfig;
 use crate::context::{Context, new_id};
-use crate::error::{Error, Operation, Origin, Result};
+use crate::error::{Operation, Origin, Result};
 use crate::handler::{Dispatcher, Handler, Outcome, Source};
 use crate::message::Message;
 use crate::propagation;
@@ -99,12 +99,8 @@ impl MemoryProvider {
     }
 
     fn check_open(&self, operation: Operation, target: &str) -> Result<()> {
-        if self.subscriptions.is_closing() {
-            return Err(Error::Closed {
-                origin: self.origin(operation, target),
-            });
-        }
-        Ok(())
+        self.subscriptions
+            .check_open(|| self.origin(operation, target))
     }
 }
 
@@ -230,7 +226,7 @@ impl Provider for MemoryProvider {
             dead_letter_topic: dead_letter_topic(&self.config.dead_letter_topic, topic),
         };
 
-        tracing::debug!(connection = %self.shared.name, driver = DRIVER, topic, "subscribed");
+        tracing::debug!(connection = %self.shared.name, driver = %DRIVER, topic, "subscribed");
         Ok(self
             .subscriptions
             .spawn(ctx, topic, |stop| consumer.run(stop)))
@@ -242,7 +238,7 @@ impl Provider for MemoryProvider {
 
     async fn close(&self) -> Result<()> {
         self.subscriptions.close().await;
-        tracing::info!(connection = %self.shared.name, driver = DRIVER, "closed");
+        tracing::info!(connection = %self.shared.name, driver = %DRIVER, "closed");
         Ok(())
     }
 }
@@ -289,7 +285,7 @@ impl Consumer {
         let Some(target) = &self.dead_letter_topic else {
             tracing::error!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 message_id = %message.id,
                 attempts,
@@ -305,7 +301,7 @@ impl Consumer {
         match delivered {
             Ok(()) => tracing::warn!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 dead_letter_topic = %target,
                 message_id = %message.id,
@@ -314,7 +310,7 @@ impl Consumer {
             ),
             Err(_) => tracing::error!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 dead_letter_topic = %target,
                 message_id = %message.id,

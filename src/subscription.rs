@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::context::Context;
+use crate::error::{Error, Origin};
 
 /// A live subscription.
 ///
@@ -119,6 +120,15 @@ impl Subscriptions {
     /// Whether [`Subscriptions::close`] has been called.
     pub fn is_closing(&self) -> bool {
         self.closing.is_cancelled()
+    }
+
+    /// Fails with [`Error::Closed`] at `origin` once [`Subscriptions::close`] has been called,
+    /// for providers whose operations end with their subscriptions.
+    pub fn check_open(&self, origin: impl FnOnce() -> Origin) -> Result<(), Error> {
+        if self.is_closing() {
+            return Err(Error::Closed { origin: origin() });
+        }
+        Ok(())
     }
 
     /// Stops every subscription and waits until all of them have drained.

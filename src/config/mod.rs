@@ -32,8 +32,8 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 pub use drivers::{
-    Assignor, ExchangeKind, KafkaCompression, KafkaConfig, MemoryConfig, NatsConfig, NatsMode,
-    RabbitMqConfig, StartOffset,
+    Assignor, ExchangeKind, KafkaCompression, KafkaConfig, KafkaSasl, MemoryConfig, NatsConfig,
+    NatsMode, RabbitMqConfig, SaslMechanism, StartOffset,
 };
 pub use secret::{Secret, SecretUrl};
 

@@ -11,10 +11,10 @@ use rskafka::client::partition::{OffsetAt, PartitionClient};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
 use super::group::{GroupError, Member};
 use super::producer::{partition_client, partition_counts};
 use super::record::to_message;
+use super::{DRIVER, Shared};
 use crate::config::StartOffset;
 use crate::error::BoxError;
 use crate::handler::{Dispatcher, Outcome};
@@ -98,7 +98,7 @@ impl Consumer {
 
         tracing::info!(
             connection = %self.shared.name,
-            driver = "kafka",
+            driver = %DRIVER,
             topic = %self.topic,
             group = member.group(),
             generation = member.generation(),
@@ -149,14 +149,14 @@ impl Consumer {
         match member.leave().await {
             Ok(()) => tracing::info!(
                 connection = %self.shared.name,
-                driver = "kafka",
+                driver = %DRIVER,
                 topic = %self.topic,
                 group = member.group(),
                 "left the consumer group"
             ),
             Err(error) => tracing::warn!(
                 connection = %self.shared.name,
-                driver = "kafka",
+                driver = %DRIVER,
                 group = member.group(),
                 error = %error,
                 "could not leave the consumer group; the coordinator will drop the member"
@@ -186,7 +186,7 @@ impl Consumer {
                     let delay = reconnect_delay(attempt);
                     tracing::info!(
                         connection = %self.shared.name,
-                        driver = "kafka",
+                        driver = %DRIVER,
                         topic = %self.topic,
                         attempt,
                         delay = ?delay,
@@ -226,7 +226,7 @@ impl Consumer {
                     // gets a fresh start.
                     tracing::warn!(
                         connection = %self.shared.name,
-                        driver = "kafka",
+                        driver = %DRIVER,
                         topic = %self.topic,
                         partition,
                         error = %error,
@@ -337,7 +337,7 @@ async fn read_partition(
                 let delay = reconnect_delay(failures);
                 tracing::warn!(
                     connection = %shared.name,
-                    driver = "kafka",
+                    driver = %DRIVER,
                     topic,
                     partition,
                     attempt = failures,
@@ -408,7 +408,7 @@ fn log_commit_failure(
 ) {
     tracing::warn!(
         connection = %shared.name,
-        driver = "kafka",
+        driver = %DRIVER,
         topic,
         partition,
         offset,
@@ -442,7 +442,7 @@ async fn send_dead_letter(
     let Some(target) = target else {
         tracing::error!(
             connection = %shared.name,
-            driver = "kafka",
+            driver = %DRIVER,
             message_id = %dead.id,
             "handler failed on every attempt and no dead-letter topic is set: record skipped"
         );
@@ -455,7 +455,7 @@ async fn send_dead_letter(
             Ok(_) => {
                 tracing::warn!(
                     connection = %shared.name,
-                    driver = "kafka",
+                    driver = %DRIVER,
                     dead_letter_topic = target,
                     message_id = %dead.id,
                     "message dead-lettered"
@@ -467,7 +467,7 @@ async fn send_dead_letter(
                 let delay = reconnect_delay(attempt);
                 tracing::warn!(
                     connection = %shared.name,
-                    driver = "kafka",
+                    driver = %DRIVER,
                     dead_letter_topic = target,
                     attempt,
                     error = %error,

@@ -25,7 +25,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 use super::wire::{Connection, WireError};
-use crate::config::Assignor;
+use crate::config::{Assignor, KafkaSasl};
 
 /// What went wrong in the group protocol.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +81,7 @@ pub(crate) struct GroupSettings {
     pub(crate) rebalance_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) assignor: Assignor,
+    pub(crate) sasl: Option<KafkaSasl>,
 }
 
 /// One member of one group, subscribed to one topic.
@@ -387,10 +388,12 @@ impl Member {
     async fn coordinator(&mut self) -> Result<&mut Connection, GroupError> {
         if self.coordinator.is_none() {
             let address = self.find_coordinator().await?;
+            let settings = &self.settings;
             let connection = Connection::open(
                 &address,
-                &self.settings.client_id,
-                self.settings.request_timeout,
+                &settings.client_id,
+                settings.sasl.as_ref(),
+                settings.request_timeout,
             )
             .await?;
             tracing::debug!(group = %self.group, coordinator = %address, "found the group coordinator");
@@ -413,8 +416,13 @@ impl Member {
         let mut last_error = None;
         for broker in &self.settings.bootstrap {
             let answer = async {
-                let mut connection =
-                    Connection::open(broker, &self.settings.client_id, timeout).await?;
+                let mut connection = Connection::open(
+                    broker,
+                    &self.settings.client_id,
+                    self.settings.sasl.as_ref(),
+                    timeout,
+                )
+                .await?;
                 let version = connection.version::<FindCoordinatorRequest>(1..=3)?;
                 let response = connection.send(&request, version, timeout).await?;
                 match ResponseError::try_from_code(response.error_code) {

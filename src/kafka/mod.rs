@@ -44,9 +44,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use rskafka::BackoffConfig;
 use rskafka::client::partition::PartitionClient;
-use rskafka::client::{Client, ClientBuilder};
+use rskafka::client::{Client, ClientBuilder, Credentials, SaslConfig};
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, SaslMechanism};
 use crate::context::Context;
 use crate::error::{Error, Operation, Origin, Result};
 use crate::handler::{Dispatcher, Handler, Source};
@@ -88,9 +88,18 @@ impl KafkaProvider {
             deadline: Some(config.request_timeout),
             ..BackoffConfig::default()
         };
-        let builder = ClientBuilder::new(config.brokers.clone())
+        let mut builder = ClientBuilder::new(config.brokers.clone())
             .client_id(config.client_id.as_str())
             .backoff_config(backoff);
+        if let Some(sasl) = &config.sasl {
+            let credentials =
+                Credentials::new(sasl.username.clone(), sasl.password.expose().to_owned());
+            builder = builder.sasl_config(match sasl.mechanism {
+                SaslMechanism::Plain => SaslConfig::Plain(credentials),
+                SaslMechanism::ScramSha256 => SaslConfig::ScramSha256(credentials),
+                SaslMechanism::ScramSha512 => SaslConfig::ScramSha512(credentials),
+            });
+        }
         let client = ctx
             .run(origin, async {
                 builder
@@ -101,7 +110,7 @@ impl KafkaProvider {
             .await?;
 
         let client = Arc::new(client);
-        tracing::info!(connection = name, driver = DRIVER, brokers = ?config.brokers, "connected");
+        tracing::debug!(connection = name, driver = %DRIVER, brokers = ?config.brokers, "connected");
         Ok(KafkaProvider {
             shared: Arc::new(Shared {
                 name: name.to_owned(),
@@ -135,12 +144,8 @@ impl KafkaProvider {
     }
 
     fn check_open(&self, operation: Operation, target: &str) -> Result<()> {
-        if self.subscriptions.is_closing() {
-            return Err(Error::Closed {
-                origin: self.origin(operation, target),
-            });
-        }
-        Ok(())
+        self.subscriptions
+            .check_open(|| self.origin(operation, target))
     }
 
     async fn start_subscription(
@@ -172,6 +177,7 @@ impl KafkaProvider {
             rebalance_timeout: config.rebalance_timeout,
             request_timeout: config.request_timeout,
             assignor: config.assignor,
+            sasl: config.sasl.clone(),
         };
         let mut member = Member::new(&group, topic, settings);
         let positions = consumer.join(&mut member).await.map_err(fail)?;
@@ -259,7 +265,7 @@ impl Provider for KafkaProvider {
 
     async fn close(&self) -> Result<()> {
         self.subscriptions.close().await;
-        tracing::info!(connection = %self.shared.name, driver = DRIVER, "closed");
+        tracing::info!(connection = %self.shared.name, driver = %DRIVER, "closed");
         Ok(())
     }
 }

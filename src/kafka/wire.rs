@@ -7,10 +7,15 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
-use kafka_protocol::messages::{ApiVersionsRequest, RequestHeader, ResponseHeader};
+use kafka_protocol::messages::{
+    ApiVersionsRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest,
+    SaslHandshakeRequest,
+};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::config::KafkaSasl;
 
 /// The largest response accepted, to bound memory when a peer sends garbage.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -26,6 +31,8 @@ pub(crate) enum WireError {
     Timeout { address: String, timeout: Duration },
     #[error("cannot encode or decode a request to {address}: {message}")]
     Protocol { address: String, message: String },
+    #[error("authentication to {address} failed: {message}")]
+    Authentication { address: String, message: String },
     #[error("{address} supports no version of API {api_key} in {ours:?}")]
     Version {
         address: String,
@@ -44,10 +51,12 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Connects to `address` and learns which API versions it supports.
+    /// Connects to `address`, learns which API versions it supports, and authenticates when
+    /// `sasl` is set.
     pub(crate) async fn open(
         address: &str,
         client_id: &str,
+        sasl: Option<&KafkaSasl>,
         timeout: Duration,
     ) -> Result<Connection, WireError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
@@ -81,7 +90,63 @@ impl Connection {
             .iter()
             .map(|api| (api.api_key, api.min_version..=api.max_version))
             .collect();
+        if let Some(sasl) = sasl {
+            connection.authenticate(sasl, timeout).await?;
+        }
         Ok(connection)
+    }
+
+    /// Runs the SASL exchange: a handshake that picks the mechanism, then as many
+    /// authenticate round trips as the mechanism needs.
+    async fn authenticate(&mut self, sasl: &KafkaSasl, timeout: Duration) -> Result<(), WireError> {
+        let mechanism = sasl.mechanism.name();
+        let handshake =
+            SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str(mechanism));
+        let version = self.version::<SaslHandshakeRequest>(1..=1)?;
+        let offered = self.send(&handshake, version, timeout).await?;
+        if offered.error_code != 0 {
+            let offered: Vec<&str> = offered.mechanisms.iter().map(|m| m.as_str()).collect();
+            return Err(self.authentication_error(format!(
+                "the broker does not offer {mechanism}; it offers {}",
+                offered.join(", ")
+            )));
+        }
+
+        let config = rsasl::config::SASLConfig::with_credentials(
+            None,
+            sasl.username.clone(),
+            sasl.password.expose().to_owned(),
+        )
+        .map_err(|error| self.authentication_error(error))?;
+        let name = rsasl::prelude::Mechname::parse(mechanism.as_bytes())
+            .map_err(|error| self.authentication_error(error))?;
+        let mut session = rsasl::prelude::SASLClient::new(config)
+            .start_suggested(&[name])
+            .map_err(|error| self.authentication_error(error))?;
+
+        let version = self.version::<SaslAuthenticateRequest>(0..=1)?;
+        let mut received: Option<Vec<u8>> = None;
+        loop {
+            let mut reply = io::Cursor::new(Vec::new());
+            let state = session
+                .step(received.as_deref(), &mut reply)
+                .map_err(|error| self.authentication_error(error))?;
+            if state.has_sent_message() {
+                let request = SaslAuthenticateRequest::default()
+                    .with_auth_bytes(bytes::Bytes::from(reply.into_inner()));
+                let answer = self.send(&request, version, timeout).await?;
+                if answer.error_code != 0 {
+                    let message = answer.error_message.map(|m| m.to_string());
+                    return Err(self.authentication_error(
+                        message.unwrap_or_else(|| format!("error code {}", answer.error_code)),
+                    ));
+                }
+                received = Some(answer.auth_bytes.to_vec());
+            }
+            if state.is_finished() {
+                return Ok(());
+            }
+        }
     }
 
     /// The newest version of `R` that both this client (`ours`) and the broker support.
@@ -179,6 +244,13 @@ impl Connection {
         WireError::Io {
             address: self.address.clone(),
             source,
+        }
+    }
+
+    fn authentication_error(&self, error: impl std::fmt::Display) -> WireError {
+        WireError::Authentication {
+            address: self.address.clone(),
+            message: error.to_string(),
         }
     }
 

@@ -480,30 +480,21 @@ pub async fn panicking_handler_is_retried_and_the_subscription_lives_on(
 
 /// A handler that is running when the provider is closed finishes before `close` returns.
 pub async fn close_waits_for_in_flight_handler(driver: &dyn Driver) -> Verdict {
-    let provider = driver.connect().await;
-    let topic = driver.topic();
-    let (started, finished) = slow_handler_flags();
-    let _subscription = subscribe(
-        &*provider,
-        &topic,
-        Default::default(),
-        slow_handler(&started, &finished),
-    )
-    .await;
-
-    publish_all(&*provider, &topic, &[Message::new("slow")]).await;
-    wait_until(&started).await;
-    provider.close().await.unwrap();
-
-    assert!(
-        finished.load(Ordering::SeqCst),
-        "close returned before the handler finished"
-    );
-    Verdict::Passed
+    in_flight_handler_finishes_before(driver, Stopping::Provider).await
 }
 
 /// Stopping a subscription waits for its running handler.
 pub async fn stopping_a_subscription_waits_for_in_flight_handler(driver: &dyn Driver) -> Verdict {
+    in_flight_handler_finishes_before(driver, Stopping::Subscription).await
+}
+
+/// What a graceful-stop check stops while a handler runs.
+enum Stopping {
+    Provider,
+    Subscription,
+}
+
+async fn in_flight_handler_finishes_before(driver: &dyn Driver, stopping: Stopping) -> Verdict {
     let provider = driver.connect().await;
     let topic = driver.topic();
     let (started, finished) = slow_handler_flags();
@@ -517,11 +508,14 @@ pub async fn stopping_a_subscription_waits_for_in_flight_handler(driver: &dyn Dr
 
     publish_all(&*provider, &topic, &[Message::new("slow")]).await;
     wait_until(&started).await;
-    subscription.stop().await;
+    match stopping {
+        Stopping::Provider => provider.close().await.unwrap(),
+        Stopping::Subscription => subscription.stop().await,
+    }
 
     assert!(
         finished.load(Ordering::SeqCst),
-        "stop returned before the handler finished"
+        "stopping returned before the handler finished"
     );
     provider.close().await.unwrap();
     Verdict::Passed

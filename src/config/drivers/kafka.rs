@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{RETRY_KEYS, check_host_port, default_dead_letter, invalid, validate_retry};
-use crate::config::{DriverTable, ValueKind};
+use crate::config::{DriverTable, Secret, ValueKind};
 use crate::handler::RetryPolicy;
 
 /// `[brokers.<name>.kafka]`: an Apache Kafka cluster.
@@ -68,6 +68,46 @@ pub struct KafkaConfig {
     /// Where failed messages go; `{topic}` is replaced by their topic. Empty: nowhere.
     #[serde(default = "default_dead_letter")]
     pub dead_letter_topic: String,
+    /// SASL authentication; none when absent.
+    #[serde(default)]
+    pub sasl: Option<KafkaSasl>,
+}
+
+/// `[brokers.<name>.kafka.sasl]`: how the client authenticates to every broker.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSasl {
+    /// The mechanism.
+    pub mechanism: SaslMechanism,
+    /// The user name.
+    pub username: String,
+    /// The password; never logged.
+    pub password: Secret,
+}
+
+/// A SASL mechanism Kafka brokers offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    /// `PLAIN`: the password itself goes to the broker, so use it only over TLS.
+    #[serde(rename = "plain")]
+    Plain,
+    /// `SCRAM-SHA-256`.
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// `SCRAM-SHA-512`.
+    #[serde(rename = "scram-sha-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The mechanism's name in the Kafka protocol.
+    pub fn name(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
 }
 
 /// The compression of produce requests: pure-Rust codecs only.
@@ -179,6 +219,7 @@ impl Default for KafkaConfig {
             request_timeout: defaults::request_timeout(),
             retry: RetryPolicy::default(),
             dead_letter_topic: default_dead_letter(),
+            sasl: None,
         }
     }
 }
@@ -208,6 +249,9 @@ impl DriverTable for KafkaConfig {
         RETRY_KEYS[2],
         RETRY_KEYS[3],
         ("dead_letter_topic", ValueKind::Text),
+        ("sasl.mechanism", ValueKind::Text),
+        ("sasl.username", ValueKind::Text),
+        ("sasl.password", ValueKind::Text),
     ];
 
     fn validate(&self) -> Result<(), (String, String)> {

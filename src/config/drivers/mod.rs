@@ -9,7 +9,7 @@ use super::ValueKind;
 use super::secret::SecretUrl;
 use crate::handler::RetryPolicy;
 
-pub use kafka::{Assignor, KafkaCompression, KafkaConfig, StartOffset};
+pub use kafka::{Assignor, KafkaCompression, KafkaConfig, KafkaSasl, SaslMechanism, StartOffset};
 pub use memory::MemoryConfig;
 pub use nats::{NatsConfig, NatsMode};
 pub use rabbitmq::{ExchangeKind, RabbitMqConfig};
