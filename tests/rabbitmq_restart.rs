@@ -1,8 +1,8 @@
 //! A real restart of a RabbitMQ server, on a node of this test's own.
 //!
 //! The shared server on 5672 is left alone: the test starts a second node (its own name, ports
-//! and data directory) from the local RabbitMQ installation, stops it under a running provider
-//! and starts it again on the same data. It is skipped where `rabbitmq-server` is not installed
+//! and data directory) from the local RabbitMQ installation, stops it (or kills it, as a crash
+//! would) under a running provider and starts it again on the same data. It is skipped where `rabbitmq-server` is not installed
 //! (set `RABBITMQ_SERVER` to its path otherwise).
 
 #![cfg(feature = "rabbitmq")]
@@ -114,8 +114,29 @@ impl Node {
         wait_for(|| !listening(self.port), "the node to stop listening");
     }
 
-    fn restart(&mut self) {
-        self.stop();
+    /// Kills the node outright, as a crash would: the Erlang VM (the child of the start
+    /// script) first, then the script.
+    fn kill(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for vm in children.split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", vm]).status();
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        wait_for(|| !listening(self.port), "the node to stop listening");
+    }
+
+    fn restart(&mut self, crash: bool) {
+        if crash {
+            self.kill();
+        } else {
+            self.stop();
+        }
         self.spawn();
     }
 }
@@ -152,6 +173,17 @@ fn log_of(dir: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_loses_no_confirmed_message() {
+    restart_under_load(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_crash_loses_no_confirmed_message() {
+    restart_under_load(true).await;
+}
+
+/// Publishes and consumes on a node of its own while the node restarts (or crashes and
+/// starts again), then checks that every confirmed message was consumed.
+async fn restart_under_load(crash: bool) {
     let Some(mut node) = tokio::task::spawn_blocking(Node::start).await.unwrap() else {
         eprintln!("skipped: rabbitmq-server is not installed here");
         return;
@@ -213,7 +245,7 @@ async fn a_broker_restart_loses_no_confirmed_message() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = confirmed.lock().unwrap().len();
     node = tokio::task::spawn_blocking(move || {
-        node.restart();
+        node.restart(crash);
         node
     })
     .await
@@ -247,7 +279,8 @@ async fn a_broker_restart_loses_no_confirmed_message() {
         .count();
     let duplicates: usize = seen.values().map(|count| count - 1).sum();
     eprintln!(
-        "{} confirmed ({before} before the restart), {missing} missing, {duplicates} duplicates",
+        "{}: {} confirmed ({before} before), {missing} missing, {duplicates} duplicates",
+        if crash { "crash" } else { "restart" },
         confirmed.len()
     );
     assert_eq!(missing, 0, "every confirmed message was consumed");
