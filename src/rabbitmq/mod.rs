@@ -28,7 +28,8 @@
 //!   `confirms = false`, then once it was written). A negative confirm is
 //!   [`RabbitMqError::Nacked`]. Messages are sent `mandatory`, so one that no queue is bound
 //!   for is returned by the server and `publish` fails with [`RabbitMqError::Unroutable`]:
-//!   nothing is dropped silently. Many publishes may be in flight on the one publishing channel.
+//!   nothing is dropped silently (without confirms, `publish` has returned by then and the
+//!   return is only logged). Many publishes may be in flight on the one publishing channel.
 //! - **Groups.** A consumer group reads one durable queue, named by the `queue` template
 //!   (`{topic}.{group}` by default), bound to the exchange with the topic. Subscribers of a group
 //!   share its messages; every group gets every message. A subscription without a group reads
