@@ -110,6 +110,37 @@ use crate::subscription::{Subscription, Subscriptions};
 const DRIVER: &str = "rabbitmq";
 
 /// A connection to a RabbitMQ server or cluster.
+///
+/// Usually made by the [`Manager`](crate::Manager) from a configuration file; it can be made
+/// directly too, and reached from the manager with its type to use amqprs itself:
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), broker::Error> {
+/// use std::time::Duration;
+///
+/// use broker::config::{RabbitMqConfig, SecretUrl};
+/// use broker::rabbitmq::RabbitMqProvider;
+/// use broker::{Context, Message, Provider};
+///
+/// let config = RabbitMqConfig {
+///     url: SecretUrl::parse("amqp://guest:guest@localhost:5672/%2f").ok(),
+///     exchange: "orders".to_owned(),
+///     ..RabbitMqConfig::default()
+/// };
+/// let ctx = Context::new().with_timeout(Duration::from_secs(10));
+/// let orders = RabbitMqProvider::connect(&ctx, "orders", config).await?;
+///
+/// // Fails with `RabbitMqError::Unroutable` until some queue is bound to `created`.
+/// orders.publish(&ctx, "created", Message::new("order 1")).await?;
+///
+/// // The amqprs channel, for what the common interface does not cover.
+/// let channel = orders.open_channel(&ctx).await?;
+/// # drop(channel);
+/// orders.close().await?;
+/// # Ok(())
+/// # }
+/// ```
 pub struct RabbitMqProvider {
     inner: Arc<Inner>,
     subscriptions: Subscriptions,
