@@ -252,36 +252,49 @@ impl Provider for RabbitMqProvider {
         let properties = codec::encode(&message).map_err(|error| Error::broker(origin(), error))?;
 
         let exchange = &self.inner.config.exchange;
-        ctx.run(origin, async {
-            let mut waited = false;
-            loop {
-                let Some(session) = self.inner.link.session().await else {
-                    return Err(Error::Closed { origin: origin() });
-                };
-                if waited {
-                    tracing::debug!(
-                        connection = %self.inner.name,
-                        driver = DRIVER,
-                        topic,
-                        "publishing again on the new connection"
-                    );
-                }
-                let published = session
-                    .publisher
-                    .publish(exchange, topic, properties.clone(), message.body.to_vec())
-                    .await;
-                match published {
-                    Ok(()) => return Ok(()),
-                    Err(RabbitMqError::ConnectionLost { .. }) if !self.inner.link.is_closing() => {
-                        // The confirm was lost with the connection: send it again on the next.
-                        session.lost.cancelled().await;
-                        waited = true;
+        let published = ctx
+            .run(origin, async {
+                let mut waited = false;
+                loop {
+                    let Some(session) = self.inner.link.session().await else {
+                        return Err(Error::Closed { origin: origin() });
+                    };
+                    if waited {
+                        tracing::debug!(
+                            connection = %self.inner.name,
+                            driver = DRIVER,
+                            topic,
+                            "publishing again on the new connection"
+                        );
                     }
-                    Err(error) => return Err(Error::broker(origin(), error)),
+                    let published = session
+                        .publisher
+                        .publish(exchange, topic, properties.clone(), message.body.to_vec())
+                        .await;
+                    match published {
+                        Ok(()) => return Ok(()),
+                        Err(RabbitMqError::ConnectionLost { .. })
+                            if !self.inner.link.is_closing() =>
+                        {
+                            // The confirm was lost with the connection: send it again on the next.
+                            session.lost.cancelled().await;
+                            waited = true;
+                        }
+                        Err(error) => return Err(Error::broker(origin(), error)),
+                    }
                 }
-            }
-        })
-        .await
+            })
+            .await;
+        if published.as_ref().is_err_and(Error::is_stopped) && self.inner.link.current().is_none() {
+            tracing::warn!(
+                connection = %self.inner.name,
+                driver = DRIVER,
+                topic,
+                address = %self.inner.address,
+                "publish stopped by its context while the connection was being re-established"
+            );
+        }
+        published
     }
 
     async fn subscribe(
