@@ -4,13 +4,15 @@
 //!
 //! ```text
 //! scripts/brokers
-//! cargo bench --bench compare -- [--messages N] [--drivers kafka] [--out DIR]
+//! cargo bench --bench compare -- [--messages N] [--drivers kafka,nats] [--out DIR]
 //! ```
 //!
 //! Workloads use 256-byte bodies with one header. Throughput is messages per second (higher
 //! is better); latency is end-to-end, publish to handler, at a fixed rate (lower is better).
 
 mod kafka;
+#[cfg(feature = "nats")]
+mod nats;
 mod report;
 
 use std::time::{Duration, Instant};
@@ -44,6 +46,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for driver in &drivers {
         match driver.as_str() {
             "kafka" => kafka::run(&settings, &mut report).await?,
+            #[cfg(feature = "nats")]
+            "nats" => nats::run(&settings, &mut report).await?,
             other => return Err(format!("no benchmark for driver `{other}`").into()),
         }
     }
@@ -65,6 +69,9 @@ fn parse_args() -> Result<(Settings, Vec<String>, std::path::PathBuf), String> {
         concurrency: 256,
     };
     let mut drivers = vec!["kafka".to_owned()];
+    if cfg!(feature = "nats") {
+        drivers.push("nats".to_owned());
+    }
     let mut out = std::path::PathBuf::from("target/bench");
 
     let mut args = std::env::args().skip(1);
