@@ -64,6 +64,8 @@ mod message;
 pub mod nats;
 pub mod propagation;
 mod provider;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 mod subscription;
 
 pub use config::{Config, ConfigError, ConfigErrorKind};

@@ -157,13 +157,18 @@ async fn connect(ctx: &Context, name: &str, settings: DriverConfig) -> Result<Ar
         DriverConfig::Nats(settings) => Ok(Arc::new(
             crate::nats::NatsProvider::connect(ctx, name, settings).await?,
         )),
+        #[cfg(feature = "rabbitmq")]
+        DriverConfig::RabbitMq(settings) => Ok(Arc::new(
+            crate::rabbitmq::RabbitMqProvider::connect(ctx, name, settings).await?,
+        )),
+        // Reached only when a driver's feature is off.
+        #[allow(unreachable_patterns)]
         _ => {
-            ctx.check(|| Origin::new(driver, name, Operation::Connect, ""))?;
+            let origin = || Origin::new(driver, name, Operation::Connect, "");
+            ctx.check(origin)?;
             Err(Error::Unsupported {
-                origin: Origin::new(driver, name, Operation::Connect, ""),
-                // TODO: connect the Kafka, RabbitMQ and NATS drivers here once they exist;
-                // until then their connections are validated but cannot be opened.
-                reason: format!("the {driver} driver is not part of this build yet"),
+                origin: origin(),
+                reason: format!("this build was compiled without the `{driver}` feature"),
             })
         }
     }

@@ -1,0 +1,359 @@
+//! Publishing with publisher confirms: one channel, many publishes in flight.
+//!
+//! In confirm mode the server numbers the messages of a channel 1, 2, 3… and acknowledges them
+//! by that delivery tag, sometimes several at once (`multiple`). The client hands those acks to
+//! a channel callback only, so the [`Publisher`] keeps its own count and a map from delivery
+//! tag to the publisher waiting for it. An unroutable message published as `mandatory` comes
+//! back as a `basic.return` just before its ack; the return carries no tag, so it is matched to
+//! the oldest waiting message with the same message id.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use amqprs::callbacks::ChannelCallback;
+use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::error::RabbitMqError;
+
+/// How the server answered one publish.
+#[derive(Debug)]
+enum Confirm {
+    Ack,
+    Nack,
+    Returned { text: String },
+    Closed { code: u16, text: String },
+}
+
+struct Waiter {
+    message_id: String,
+    returned: Option<String>,
+    answer: oneshot::Sender<Confirm>,
+}
+
+#[derive(Default)]
+struct Pending {
+    waiting: BTreeMap<u64, Waiter>,
+    /// Why the channel closed, once it has.
+    closed: Option<(u16, String)>,
+}
+
+/// The publishing channel of one connection.
+pub(super) struct Publisher {
+    channel: Channel,
+    confirms: bool,
+    /// The delivery tag of the next publish; held while a publish is being sent, so tags and
+    /// the order of messages on the wire agree.
+    next_tag: tokio::sync::Mutex<u64>,
+    pending: Arc<Mutex<Pending>>,
+    /// Fired when this channel or its connection is gone.
+    lost: CancellationToken,
+    address: String,
+}
+
+impl Publisher {
+    /// Sets up `channel` for publishing, in confirm mode when `confirms` is on. A server that
+    /// closes the channel fires `lost`.
+    pub(super) async fn new(
+        channel: Channel,
+        confirms: bool,
+        lost: CancellationToken,
+        address: String,
+    ) -> Result<Self, RabbitMqError> {
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        channel
+            .register_callback(ConfirmCallback {
+                pending: Arc::clone(&pending),
+                lost: lost.clone(),
+            })
+            .await?;
+        if confirms {
+            channel
+                .confirm_select(ConfirmSelectArguments::new(false))
+                .await?;
+        }
+        Ok(Publisher {
+            channel,
+            confirms,
+            next_tag: tokio::sync::Mutex::new(1),
+            pending,
+            lost,
+            address,
+        })
+    }
+
+    /// The channel, for closing it.
+    pub(super) fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes one message as `mandatory` and waits for its confirm (when confirms are on).
+    pub(super) async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: Vec<u8>,
+    ) -> Result<(), RabbitMqError> {
+        let message_id = properties.message_id().cloned().unwrap_or_default();
+        let args = BasicPublishArguments::new(exchange, routing_key)
+            .mandatory(true)
+            .finish();
+
+        let answer = {
+            let mut next_tag = self.next_tag.lock().await;
+            if self.lost.is_cancelled() {
+                return Err(self.lost_error());
+            }
+            let tag = *next_tag;
+            let answer = if self.confirms {
+                let (sender, receiver) = oneshot::channel();
+                lock(&self.pending).waiting.insert(
+                    tag,
+                    Waiter {
+                        message_id,
+                        returned: None,
+                        answer: sender,
+                    },
+                );
+                Some(receiver)
+            } else {
+                None
+            };
+            // Cancelling this future is safe: the client sends the frame with one channel
+            // send, so a cancelled publish was not sent and the next one reuses its tag (and
+            // replaces its waiter).
+            if let Err(error) = self.channel.basic_publish(properties, body, args).await {
+                lock(&self.pending).waiting.remove(&tag);
+                self.lost.cancel();
+                return Err(error.into());
+            }
+            *next_tag += 1;
+            answer
+        };
+
+        let Some(answer) = answer else {
+            return Ok(());
+        };
+        let confirm = tokio::select! {
+            confirm = answer => confirm.ok(),
+            _ = self.lost.cancelled() => None,
+        };
+        match confirm {
+            Some(Confirm::Ack) => Ok(()),
+            Some(Confirm::Nack) => Err(RabbitMqError::Nacked),
+            Some(Confirm::Returned { text }) => Err(RabbitMqError::Unroutable {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                detail: text,
+            }),
+            Some(Confirm::Closed { code, text }) => {
+                Err(RabbitMqError::ChannelClosed { code, text })
+            }
+            None => Err(self.lost_error()),
+        }
+    }
+
+    fn lost_error(&self) -> RabbitMqError {
+        match lock(&self.pending).closed.clone() {
+            Some((code, text)) => RabbitMqError::ChannelClosed { code, text },
+            None => RabbitMqError::ConnectionLost {
+                address: self.address.clone(),
+            },
+        }
+    }
+}
+
+fn lock(pending: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    // Every change is a single insert or remove, so a panic elsewhere leaves it consistent.
+    pending.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Feeds the channel's confirms, returns and close to the waiting publishers.
+struct ConfirmCallback {
+    pending: Arc<Mutex<Pending>>,
+    lost: CancellationToken,
+}
+
+impl ConfirmCallback {
+    /// Answers the publish with `tag`, or every publish up to it when `multiple`.
+    fn settle(&self, tag: u64, multiple: bool, acked: bool) {
+        let mut pending = lock(&self.pending);
+        let settled: Vec<(u64, Waiter)> = if multiple {
+            let later = pending.waiting.split_off(&(tag.saturating_add(1)));
+            std::mem::replace(&mut pending.waiting, later)
+                .into_iter()
+                .collect()
+        } else {
+            pending
+                .waiting
+                .remove(&tag)
+                .map(|waiter| (tag, waiter))
+                .into_iter()
+                .collect()
+        };
+        drop(pending);
+
+        for (_, waiter) in settled {
+            let confirm = match (acked, waiter.returned) {
+                (false, _) => Confirm::Nack,
+                (true, Some(text)) => Confirm::Returned { text },
+                (true, None) => Confirm::Ack,
+            };
+            // The publisher may have given up (its context stopped); nobody to tell then.
+            let _ = waiter.answer.send(confirm);
+        }
+    }
+}
+
+#[async_trait]
+impl ChannelCallback for ConfirmCallback {
+    async fn close(
+        &mut self,
+        _channel: &Channel,
+        close: CloseChannel,
+    ) -> Result<(), amqprs::error::Error> {
+        let code = close.reply_code();
+        let text = close.reply_text().clone();
+        tracing::warn!(driver = "rabbitmq", code, text = %text, "the server closed the publishing channel");
+
+        let waiting = {
+            let mut pending = lock(&self.pending);
+            pending.closed = Some((code, text.clone()));
+            std::mem::take(&mut pending.waiting)
+        };
+        for waiter in waiting.into_values() {
+            let _ = waiter.answer.send(Confirm::Closed {
+                code,
+                text: text.clone(),
+            });
+        }
+        self.lost.cancel();
+        Ok(())
+    }
+
+    async fn cancel(
+        &mut self,
+        _channel: &Channel,
+        _cancel: Cancel,
+    ) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+
+    async fn flow(
+        &mut self,
+        _channel: &Channel,
+        active: bool,
+    ) -> Result<bool, amqprs::error::Error> {
+        tracing::info!(
+            driver = "rabbitmq",
+            active,
+            "the server asked to pause or resume publishing"
+        );
+        Ok(true)
+    }
+
+    async fn publish_ack(&mut self, _channel: &Channel, ack: Ack) {
+        self.settle(ack.delivery_tag(), ack.mutiple(), true);
+    }
+
+    async fn publish_nack(&mut self, _channel: &Channel, nack: Nack) {
+        self.settle(nack.delivery_tag(), nack.multiple(), false);
+    }
+
+    async fn publish_return(
+        &mut self,
+        _channel: &Channel,
+        ret: Return,
+        properties: BasicProperties,
+        _content: Vec<u8>,
+    ) {
+        let message_id = properties.message_id().cloned().unwrap_or_default();
+        let mut pending = lock(&self.pending);
+        let waiter = pending
+            .waiting
+            .values_mut()
+            .find(|waiter| waiter.returned.is_none() && waiter.message_id == message_id);
+        match waiter {
+            Some(waiter) => {
+                waiter.returned = Some(ret.reply_text().clone());
+            }
+            None => tracing::warn!(
+                driver = "rabbitmq",
+                exchange = %ret.exchange(),
+                routing_key = %ret.routing_key(),
+                message_id = %message_id,
+                reason = %ret.reply_text(),
+                "the server returned an unroutable message"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(tags: &[u64]) -> (ConfirmCallback, Vec<oneshot::Receiver<Confirm>>) {
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let mut receivers = Vec::new();
+        for &tag in tags {
+            let (sender, receiver) = oneshot::channel();
+            lock(&pending).waiting.insert(
+                tag,
+                Waiter {
+                    message_id: format!("m{tag}"),
+                    returned: None,
+                    answer: sender,
+                },
+            );
+            receivers.push(receiver);
+        }
+        let callback = ConfirmCallback {
+            pending,
+            lost: CancellationToken::new(),
+        };
+        (callback, receivers)
+    }
+
+    #[test]
+    fn a_multiple_ack_settles_every_earlier_tag() {
+        let (callback, mut receivers) = waiting(&[1, 2, 3, 4]);
+
+        callback.settle(3, true, true);
+
+        for receiver in &mut receivers[..3] {
+            assert!(matches!(receiver.try_recv(), Ok(Confirm::Ack)));
+        }
+        assert!(receivers[3].try_recv().is_err());
+        assert_eq!(lock(&callback.pending).waiting.len(), 1);
+    }
+
+    #[test]
+    fn a_single_nack_settles_only_its_tag() {
+        let (callback, mut receivers) = waiting(&[1, 2]);
+
+        callback.settle(2, false, false);
+
+        assert!(receivers[0].try_recv().is_err());
+        assert!(matches!(receivers[1].try_recv(), Ok(Confirm::Nack)));
+    }
+
+    #[test]
+    fn a_returned_message_is_reported_when_its_ack_arrives() {
+        let (callback, mut receivers) = waiting(&[7]);
+        if let Some(waiter) = lock(&callback.pending).waiting.get_mut(&7) {
+            waiter.returned = Some("NO_ROUTE".to_owned());
+        }
+
+        callback.settle(7, false, true);
+
+        assert!(matches!(
+            receivers[0].try_recv(),
+            Ok(Confirm::Returned { text }) if text == "NO_ROUTE"
+        ));
+    }
+}
