@@ -18,7 +18,7 @@ use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 use tokio::sync::Notify;
 
-use crate::report::Report;
+use crate::report::{Report, Soak};
 use crate::{BODY, Settings, compare_throughput, paced};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -65,8 +65,50 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
     let native_latency = latency_native(&native, &config, settings).await?;
     report.add_latency("kafka", "latency", &broker_latency, &native_latency);
 
+    if !settings.soak.is_zero() {
+        report.add_soak(soak(&provider, settings).await?);
+    }
+
     provider.close().await?;
     Ok(())
+}
+
+/// Publishes and consumes without pause for `settings.soak`, sampling resident memory.
+async fn soak(provider: &Arc<KafkaProvider>, settings: &Settings) -> BenchResult<Soak> {
+    let topic = topic();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&handled);
+    let handler = move |_: Context, _: Message| {
+        count.fetch_add(1, Ordering::Relaxed);
+        async { Ok::<(), broker::Error>(()) }
+    };
+    provider.publish(&Context::new(), &topic, message()).await?;
+    let group = SubscribeOptions::group(format!("soak-{}", uuid::Uuid::now_v7().simple()));
+    let subscription = provider
+        .subscribe(&Context::new(), &topic, group, Arc::new(handler))
+        .await?;
+
+    let start = Instant::now();
+    let mut samples = vec![(0, crate::resident_kib())];
+    let mut next_sample = Duration::from_secs(5);
+    let ctx = Context::new();
+    while start.elapsed() < settings.soak {
+        futures_util::stream::iter(0..settings.concurrency)
+            .map(|_| provider.publish(&ctx, &topic, message()))
+            .buffer_unordered(settings.concurrency)
+            .try_collect::<()>()
+            .await?;
+        if start.elapsed() >= next_sample {
+            samples.push((next_sample.as_secs(), crate::resident_kib()));
+            next_sample += Duration::from_secs(5);
+        }
+    }
+    subscription.stop().await;
+    Ok(Soak {
+        driver: "kafka".to_owned(),
+        messages: handled.load(Ordering::Relaxed),
+        samples,
+    })
 }
 
 fn topic() -> String {

@@ -5,7 +5,11 @@
 //! ```text
 //! scripts/brokers
 //! cargo bench --bench compare -- [--messages N] [--drivers kafka,nats] [--out DIR]
+//!     [--latency-seconds N] [--soak-seconds N]
 //! ```
+//!
+//! `--soak-seconds` adds a sustained publish-and-consume run that samples the resident
+//! memory every few seconds, to show it stays flat however many messages pass.
 //!
 //! Workloads use 256-byte bodies with one header. Throughput is messages per second (higher
 //! is better); latency is end-to-end, publish to handler, at a fixed rate (lower is better).
@@ -36,6 +40,8 @@ pub(crate) struct Settings {
     pub(crate) latency_duration: Duration,
     /// How many publishes are in flight at once in the publish workloads.
     pub(crate) concurrency: usize,
+    /// How long the sustained publish-and-consume run lasts; none when zero.
+    pub(crate) soak: Duration,
 }
 
 #[tokio::main]
@@ -67,6 +73,7 @@ fn parse_args() -> Result<(Settings, Vec<String>, std::path::PathBuf), String> {
         latency_rate: 1_000,
         latency_duration: Duration::from_secs(5),
         concurrency: 256,
+        soak: Duration::ZERO,
     };
     let mut drivers = vec!["kafka".to_owned()];
     if cfg!(feature = "nats") {
@@ -84,6 +91,9 @@ fn parse_args() -> Result<(Settings, Vec<String>, std::path::PathBuf), String> {
             "--latency-seconds" => {
                 settings.latency_duration =
                     Duration::from_secs(value()?.parse().map_err(|e| format!("{e}"))?)
+            }
+            "--soak-seconds" => {
+                settings.soak = Duration::from_secs(value()?.parse().map_err(|e| format!("{e}"))?)
             }
             // `cargo bench` passes this to every bench target.
             "--bench" => {}
@@ -125,6 +135,17 @@ where
         best_native,
     ));
     Ok(())
+}
+
+/// The process's resident memory now, in KiB.
+pub(crate) fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Sends at `rate` per second for `duration`, calling `send(sequence, sent_at)`, and returns

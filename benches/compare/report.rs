@@ -67,6 +67,35 @@ pub(crate) struct Report {
     machine: String,
     peak_resident_kib: Option<u64>,
     figures: Vec<Figure>,
+    soaks: Vec<Soak>,
+}
+
+/// Resident memory sampled during a sustained run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Soak {
+    pub(crate) driver: String,
+    pub(crate) messages: usize,
+    /// (seconds since the start, resident KiB).
+    pub(crate) samples: Vec<(u64, u64)>,
+}
+
+impl Soak {
+    /// Flat: the second half of the run grew by less than 10% (plus 4 MiB of allocator slack)
+    /// over the first half's peak.
+    pub(crate) fn is_flat(&self) -> bool {
+        let half = self.samples.len() / 2;
+        let first = self.samples[..half]
+            .iter()
+            .map(|(_, kib)| *kib)
+            .max()
+            .unwrap_or(0);
+        let second = self.samples[half..]
+            .iter()
+            .map(|(_, kib)| *kib)
+            .max()
+            .unwrap_or(0);
+        second <= first + first / 10 + 4 * 1024
+    }
 }
 
 impl Report {
@@ -78,6 +107,7 @@ impl Report {
             machine: machine(),
             peak_resident_kib: None,
             figures: Vec::new(),
+            soaks: Vec::new(),
         }
     }
 
@@ -101,6 +131,10 @@ impl Report {
                 native.value_at_quantile(quantile) as f64,
             ));
         }
+    }
+
+    pub(crate) fn add_soak(&mut self, soak: Soak) {
+        self.soaks.push(soak);
     }
 
     /// Records the process's peak resident memory so far.
@@ -132,6 +166,21 @@ impl Report {
                 figure.ratio(),
                 if figure.on_target { "met" } else { "MISSED" },
                 figure.target,
+            );
+        }
+        for soak in &self.soaks {
+            let samples: Vec<String> = soak
+                .samples
+                .iter()
+                .map(|(second, kib)| format!("{second}s {} MiB", kib / 1024))
+                .collect();
+            let _ = writeln!(
+                out,
+                "\n{} sustained run, {} messages: resident memory {} ({})",
+                soak.driver,
+                soak.messages,
+                samples.join(", "),
+                if soak.is_flat() { "flat" } else { "GROWING" }
             );
         }
         if let Some(kib) = self.peak_resident_kib {

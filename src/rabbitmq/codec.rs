@@ -2,6 +2,7 @@
 
 use amqprs::{BasicProperties, DELIVERY_MODE_PERSISTENT, FieldTable, FieldValue, ShortStr};
 
+use super::DRIVER;
 use super::error::RabbitMqError;
 use crate::context::new_id;
 use crate::message::{Headers, Message};
@@ -68,7 +69,7 @@ pub(super) fn decode(properties: &BasicProperties, body: Vec<u8>) -> Message {
                     headers.insert(name.to_owned(), text);
                 }
                 None => tracing::debug!(
-                    driver = "rabbitmq",
+                    driver = %DRIVER,
                     header = name,
                     "header skipped: arrays, tables and non-UTF-8 bytes have no text form"
                 ),

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::DRIVER;
 use super::error::RabbitMqError;
 
 /// How the server answered one publish.
@@ -218,7 +219,7 @@ impl ChannelCallback for ConfirmCallback {
     ) -> Result<(), amqprs::error::Error> {
         let code = close.reply_code();
         let text = close.reply_text().clone();
-        tracing::warn!(driver = "rabbitmq", code, text = %text, "the server closed the publishing channel");
+        tracing::warn!(driver = %DRIVER, code, text = %text, "the server closed the publishing channel");
 
         let waiting = {
             let mut pending = lock(&self.pending);
@@ -249,7 +250,7 @@ impl ChannelCallback for ConfirmCallback {
         active: bool,
     ) -> Result<bool, amqprs::error::Error> {
         tracing::info!(
-            driver = "rabbitmq",
+            driver = %DRIVER,
             active,
             "the server asked to pause or resume publishing"
         );
@@ -282,7 +283,7 @@ impl ChannelCallback for ConfirmCallback {
                 waiter.returned = Some(ret.reply_text().clone());
             }
             None => tracing::warn!(
-                driver = "rabbitmq",
+                driver = %DRIVER,
                 exchange = %ret.exchange(),
                 routing_key = %ret.routing_key(),
                 message_id = %message_id,

@@ -81,7 +81,7 @@ impl Link {
         let session = open_any(name, config).await?;
         tracing::info!(
             connection = %name,
-            driver = DRIVER,
+            driver = %DRIVER,
             address = %session.address,
             "connected"
         );
@@ -162,7 +162,7 @@ async fn supervise(link: Weak<Link>, closing: CancellationToken) {
         };
         tracing::warn!(
             connection = %name,
-            driver = DRIVER,
+            driver = %DRIVER,
             address = %session.address,
             "connection lost; reconnecting"
         );
@@ -180,7 +180,7 @@ async fn supervise(link: Weak<Link>, closing: CancellationToken) {
             let delay = backoff(&config, attempt);
             tracing::info!(
                 connection = %name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 attempt,
                 delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 "reconnecting after a delay"
@@ -194,14 +194,14 @@ async fn supervise(link: Weak<Link>, closing: CancellationToken) {
                 Ok(Ok(session)) => break session,
                 Ok(Err(error)) => tracing::warn!(
                     connection = %name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     attempt,
                     error = %error,
                     "reconnection failed"
                 ),
                 Err(_) => tracing::warn!(
                     connection = %name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     attempt,
                     "reconnection timed out"
                 ),
@@ -218,7 +218,7 @@ async fn supervise(link: Weak<Link>, closing: CancellationToken) {
         }
         tracing::info!(
             connection = %name,
-            driver = DRIVER,
+            driver = %DRIVER,
             address = %replacement.address,
             attempt,
             "reconnected"
@@ -245,7 +245,7 @@ async fn open_any(name: &str, config: &RabbitMqConfig) -> Result<Session, Rabbit
             Err(error) => {
                 tracing::debug!(
                     connection = %name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     address = %url.host_port(),
                     error = %error,
                     "cannot connect"
@@ -450,7 +450,7 @@ impl ConnectionCallback for LossCallback {
     ) -> Result<(), amqprs::error::Error> {
         tracing::warn!(
             connection = %self.name,
-            driver = DRIVER,
+            driver = %DRIVER,
             code = close.reply_code(),
             reason = %close.reply_text(),
             "the server closed the connection"
@@ -460,11 +460,11 @@ impl ConnectionCallback for LossCallback {
     }
 
     async fn blocked(&mut self, _connection: &Connection, reason: String) {
-        tracing::warn!(connection = %self.name, driver = DRIVER, reason, "the server blocked publishing");
+        tracing::warn!(connection = %self.name, driver = %DRIVER, reason, "the server blocked publishing");
     }
 
     async fn unblocked(&mut self, _connection: &Connection) {
-        tracing::info!(connection = %self.name, driver = DRIVER, "the server unblocked publishing");
+        tracing::info!(connection = %self.name, driver = %DRIVER, "the server unblocked publishing");
     }
 
     async fn secret_updated(&mut self, _connection: &Connection) {}

@@ -117,7 +117,7 @@ impl Consumer {
                             failures = 0;
                             tracing::info!(
                                 connection = %self.inner.name,
-                                driver = DRIVER,
+                                driver = %DRIVER,
                                 topic = %self.topic,
                                 queue = %current.queue,
                                 "subscription resumed"
@@ -129,7 +129,7 @@ impl Consumer {
                             let delay = backoff(&self.inner.config, failures);
                             tracing::warn!(
                                 connection = %self.inner.name,
-                                driver = DRIVER,
+                                driver = %DRIVER,
                                 topic = %self.topic,
                                 attempt = failures,
                                 delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
@@ -162,7 +162,7 @@ impl Consumer {
         }
         tracing::debug!(
             connection = %self.inner.name,
-            driver = DRIVER,
+            driver = %DRIVER,
             topic = %self.topic,
             "subscription stopped"
         );
@@ -191,7 +191,7 @@ impl Consumer {
                     None => {
                         tracing::warn!(
                             connection = %self.inner.name,
-                            driver = DRIVER,
+                            driver = %DRIVER,
                             topic = %self.topic,
                             queue = %queue,
                             "the consumer's channel closed"
@@ -278,7 +278,7 @@ impl Consumer {
             Ok(()) => {
                 tracing::warn!(
                     connection = %self.inner.name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     topic = %self.topic,
                     dead_letter_exchange = %exchange,
                     dead_letter_topic = %routing_key,
@@ -291,7 +291,7 @@ impl Consumer {
             Err(publish_error) => {
                 tracing::warn!(
                     connection = %self.inner.name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     topic = %self.topic,
                     dead_letter_exchange = %exchange,
                     message_id = %message.id,
@@ -321,7 +321,7 @@ impl Consumer {
             // The delivery stays unacknowledged, so the server delivers it again.
             tracing::warn!(
                 connection = %self.inner.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 error = %error,
                 "cannot acknowledge a delivery; it will be delivered again"

@@ -262,7 +262,7 @@ impl Provider for RabbitMqProvider {
                     if waited {
                         tracing::debug!(
                             connection = %self.inner.name,
-                            driver = DRIVER,
+                            driver = %DRIVER,
                             topic,
                             "publishing again on the new connection"
                         );
@@ -288,7 +288,7 @@ impl Provider for RabbitMqProvider {
         if published.as_ref().is_err_and(Error::is_stopped) && self.inner.link.current().is_none() {
             tracing::warn!(
                 connection = %self.inner.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic,
                 address = %self.inner.address,
                 "publish stopped by its context while the connection was being re-established"
@@ -335,7 +335,7 @@ impl Provider for RabbitMqProvider {
             })
             .await?;
 
-        tracing::debug!(connection = %self.inner.name, driver = DRIVER, topic, "subscribed");
+        tracing::debug!(connection = %self.inner.name, driver = %DRIVER, topic, "subscribed");
         Ok(self
             .subscriptions
             .spawn(ctx, topic, |stop| consumer.run(live, stop)))
@@ -367,7 +367,7 @@ impl Provider for RabbitMqProvider {
     async fn close(&self) -> Result<()> {
         self.subscriptions.close().await;
         self.inner.link.close().await;
-        tracing::info!(connection = %self.inner.name, driver = DRIVER, "closed");
+        tracing::info!(connection = %self.inner.name, driver = %DRIVER, "closed");
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ use amqprs::channel::{
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return};
 use async_trait::async_trait;
 
+use super::DRIVER;
 use super::codec::check_short;
 use super::error::RabbitMqError;
 use crate::config::{ExchangeKind, RabbitMqConfig};
@@ -63,7 +64,7 @@ impl ChannelCallback for ChannelWatch {
         close: CloseChannel,
     ) -> Result<(), amqprs::error::Error> {
         tracing::debug!(
-            driver = "rabbitmq",
+            driver = %DRIVER,
             code = close.reply_code(),
             text = %close.reply_text(),
             "the server closed a channel"
@@ -79,7 +80,7 @@ impl ChannelCallback for ChannelWatch {
         cancel: Cancel,
     ) -> Result<(), amqprs::error::Error> {
         tracing::warn!(
-            driver = "rabbitmq",
+            driver = %DRIVER,
             consumer_tag = %cancel.consumer_tag(),
             "the server cancelled a consumer"
         );
