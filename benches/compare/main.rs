@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! scripts/brokers
-//! cargo bench --bench compare -- [--messages N] [--drivers kafka,rabbitmq] [--out DIR]
+//! cargo bench --bench compare -- [--messages N] [--drivers kafka,rabbitmq,nats] [--out DIR]
 //!     [--latency-seconds N] [--soak-seconds N]
 //! ```
 //!
@@ -15,6 +15,7 @@
 //! is better); latency is end-to-end, publish to handler, at a fixed rate (lower is better).
 
 mod kafka;
+mod nats;
 mod rabbitmq;
 mod report;
 
@@ -52,6 +53,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         match driver.as_str() {
             "kafka" => kafka::run(&settings, &mut report).await?,
             "rabbitmq" => rabbitmq::run(&settings, &mut report).await?,
+            "nats" => nats::run(&settings, &mut report).await?,
             other => return Err(format!("no benchmark for driver `{other}`").into()),
         }
     }
@@ -73,7 +75,7 @@ fn parse_args() -> Result<(Settings, Vec<String>, std::path::PathBuf), String> {
         concurrency: 256,
         soak: Duration::ZERO,
     };
-    let mut drivers = vec!["kafka".to_owned(), "rabbitmq".to_owned()];
+    let mut drivers = vec!["kafka".to_owned(), "rabbitmq".to_owned(), "nats".to_owned()];
     let mut out = std::path::PathBuf::from("target/bench");
 
     let mut args = std::env::args().skip(1);

@@ -1,0 +1,421 @@
+//! NATS: `broker` against async-nats used directly, in core and JetStream mode.
+//!
+//! Both sides promise the same: a core publish is flushed before it returns, a JetStream
+//! publish waits for the stream's ack, and a JetStream consumer acks every message.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::{self, stream};
+use broker::config::{
+    NatsConfig, NatsConsumerConfig, NatsDeliver, NatsMissingStream, NatsMode, NatsStreamConfig,
+    SecretUrl,
+};
+use broker::nats::NatsProvider;
+use broker::{Context, Message, Provider, ProviderExt, SubscribeOptions};
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use hdrhistogram::Histogram;
+use tokio::sync::Notify;
+
+use crate::report::Report;
+use crate::{BODY, Settings, compare_throughput, paced};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+const SENT_HEADER: &str = "sent_ns";
+
+pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult<()> {
+    let url = std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let prefix = format!("bench-{}", uuid::Uuid::now_v7().simple());
+    let stream_name = format!("BENCH_{}", uuid::Uuid::now_v7().simple());
+    let messages = settings.messages;
+
+    let client = async_nats::connect(url.as_str()).await?;
+    let context = jetstream::new(client.clone());
+    // A bounded in-memory stream of the benchmark's own, removed at the end.
+    context
+        .create_stream(stream::Config {
+            name: stream_name.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            storage: stream::StorageType::Memory,
+            max_messages: i64::try_from(messages * 3).unwrap_or(i64::MAX),
+            ..Default::default()
+        })
+        .await?;
+
+    let core = connect(&url, NatsMode::Core, None).await?;
+    let streamed = connect(&url, NatsMode::Jetstream, Some(&stream_name)).await?;
+    let concurrency = settings.concurrency;
+
+    compare_throughput(
+        report,
+        "nats",
+        "core publish (flushed)",
+        messages,
+        || publish_core_broker(&core, messages, concurrency),
+        || publish_core_native(&client, messages, concurrency),
+    )
+    .await?;
+
+    compare_throughput(
+        report,
+        "nats",
+        "JetStream publish (acked)",
+        messages,
+        || publish_broker(&streamed, &prefix, messages, concurrency),
+        || publish_native(&context, &prefix, messages, concurrency),
+    )
+    .await?;
+
+    compare_throughput(
+        report,
+        "nats",
+        "JetStream consume (durable, acked)",
+        messages,
+        || consume_broker(&streamed, &context, &prefix, messages),
+        || consume_native(&context, &stream_name, &prefix, messages),
+    )
+    .await?;
+
+    let broker_latency = latency_broker(&core, settings).await?;
+    let native_latency = latency_native(&client, settings).await?;
+    report.add_latency("nats", "core latency", &broker_latency, &native_latency);
+
+    core.close().await?;
+    streamed.close().await?;
+    context.delete_stream(&stream_name).await?;
+    Ok(())
+}
+
+async fn connect(
+    url: &str,
+    mode: NatsMode,
+    stream: Option<&str>,
+) -> BenchResult<Arc<NatsProvider>> {
+    let config = NatsConfig {
+        url: Some(SecretUrl::parse(url)?),
+        mode,
+        pending_limit: 65_536,
+        stream: stream.map(|name| {
+            Box::new(NatsStreamConfig {
+                name: name.to_owned(),
+                subjects: Vec::new(),
+                storage: Default::default(),
+                retention: Default::default(),
+                missing: NatsMissingStream::Fail,
+                duplicate_window: None,
+                max_age: None,
+            })
+        }),
+        consumer: Box::new(NatsConsumerConfig {
+            deliver: NatsDeliver::All,
+            ..NatsConsumerConfig::default()
+        }),
+        ..NatsConfig::default()
+    };
+    let ctx = Context::new().with_timeout(Duration::from_secs(30));
+    Ok(Arc::new(
+        NatsProvider::connect(&ctx, "bench", config).await?,
+    ))
+}
+
+fn subject(prefix: &str, workload: &str) -> String {
+    format!("{prefix}.{workload}.{}", uuid::Uuid::now_v7().simple())
+}
+
+fn message() -> Message {
+    Message::new(Bytes::from_static(&BODY)).with_header("bench", "1")
+}
+
+fn headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("bench", "1");
+    headers
+}
+
+/// Nanoseconds since the benchmark started, to time messages within this process.
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+async fn publish_core_broker(
+    provider: &NatsProvider,
+    messages: usize,
+    concurrency: usize,
+) -> BenchResult<Duration> {
+    // Core subjects need no stream: nobody listens, which costs the server nothing.
+    let subject = subject("bench-core", "publish");
+    let ctx = Context::new();
+    let start = Instant::now();
+    futures_util::stream::iter(0..messages)
+        .map(|_| provider.publish(&ctx, &subject, message()))
+        .buffer_unordered(concurrency)
+        .try_collect::<()>()
+        .await?;
+    Ok(start.elapsed())
+}
+
+async fn publish_core_native(
+    client: &async_nats::Client,
+    messages: usize,
+    concurrency: usize,
+) -> BenchResult<Duration> {
+    let subject = subject("bench-core", "publish");
+    let start = Instant::now();
+    futures_util::stream::iter(0..messages)
+        .map(|_| {
+            let subject = subject.clone();
+            async move {
+                client
+                    .publish_with_headers(subject, headers(), Bytes::from_static(&BODY))
+                    .await?;
+                client.flush().await?;
+                Ok::<(), Box<dyn std::error::Error>>(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_collect::<()>()
+        .await?;
+    Ok(start.elapsed())
+}
+
+async fn publish_broker(
+    provider: &NatsProvider,
+    prefix: &str,
+    messages: usize,
+    concurrency: usize,
+) -> BenchResult<Duration> {
+    let subject = subject(prefix, "publish");
+    let ctx = Context::new();
+    let start = Instant::now();
+    futures_util::stream::iter(0..messages)
+        .map(|_| provider.publish(&ctx, &subject, message()))
+        .buffer_unordered(concurrency)
+        .try_collect::<()>()
+        .await?;
+    Ok(start.elapsed())
+}
+
+async fn publish_native(
+    context: &jetstream::Context,
+    prefix: &str,
+    messages: usize,
+    concurrency: usize,
+) -> BenchResult<Duration> {
+    let subject = subject(prefix, "publish");
+    let start = Instant::now();
+    futures_util::stream::iter(0..messages)
+        .map(|_| {
+            let subject = subject.clone();
+            async move {
+                let mut headers = headers();
+                headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
+                context
+                    .publish_with_headers(subject, headers, Bytes::from_static(&BODY))
+                    .await?
+                    .await?;
+                Ok::<(), Box<dyn std::error::Error>>(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_collect::<()>()
+        .await?;
+    Ok(start.elapsed())
+}
+
+/// A subject of the stream holding `messages` messages, published natively and acknowledged.
+async fn filled_subject(
+    context: &jetstream::Context,
+    prefix: &str,
+    messages: usize,
+) -> BenchResult<String> {
+    let subject = subject(prefix, "consume");
+    futures_util::stream::iter(0..messages)
+        .map(|_| {
+            let subject = subject.clone();
+            async move {
+                context
+                    .publish_with_headers(subject, headers(), Bytes::from_static(&BODY))
+                    .await?
+                    .await?;
+                Ok::<(), Box<dyn std::error::Error>>(())
+            }
+        })
+        .buffer_unordered(256)
+        .try_collect::<()>()
+        .await?;
+    Ok(subject)
+}
+
+async fn consume_broker(
+    provider: &NatsProvider,
+    context: &jetstream::Context,
+    prefix: &str,
+    messages: usize,
+) -> BenchResult<Duration> {
+    let subject = filled_subject(context, prefix, messages).await?;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+
+    let (count, all) = (Arc::clone(&handled), Arc::clone(&done));
+    let handler = move |_: Context, _: Message| {
+        if count.fetch_add(1, Ordering::Relaxed) + 1 == messages {
+            all.notify_one();
+        }
+        async { Ok::<(), broker::Error>(()) }
+    };
+    let group = SubscribeOptions::group(format!("bench-{}", uuid::Uuid::now_v7().simple()));
+    let subscription = provider
+        .subscribe(&Context::new(), &subject, group, Arc::new(handler))
+        .await?;
+
+    // Timing starts once the consumer exists, as on the native side.
+    let start = Instant::now();
+    done.notified().await;
+    let elapsed = start.elapsed();
+    subscription.stop().await;
+    Ok(elapsed)
+}
+
+async fn consume_native(
+    context: &jetstream::Context,
+    stream_name: &str,
+    prefix: &str,
+    messages: usize,
+) -> BenchResult<Duration> {
+    let subject = filled_subject(context, prefix, messages).await?;
+    let stream = context.get_stream(stream_name).await?;
+    let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            name: Some(name.clone()),
+            filter_subject: subject,
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: 256,
+            ..Default::default()
+        })
+        .await?;
+
+    let start = Instant::now();
+    let mut pulled = consumer
+        .stream()
+        .max_messages_per_batch(100)
+        .messages()
+        .await?;
+    let mut count = 0;
+    while count < messages {
+        let Some(message) = pulled.next().await else {
+            break;
+        };
+        let message = message?;
+        std::hint::black_box(&message.payload);
+        message.ack().await.map_err(|error| error.to_string())?;
+        count += 1;
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(count, messages, "native consumer read every message");
+    drop(pulled);
+    stream.delete_consumer(&name).await?;
+    Ok(elapsed)
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+fn record(latencies: &Mutex<Histogram<u64>>, sent: Option<u64>) {
+    if let Some(sent) = sent {
+        let micros = now_ns().saturating_sub(sent) / 1_000;
+        let _ = latencies.lock().unwrap().record(micros.max(1));
+    }
+}
+
+async fn latency_broker(
+    provider: &Arc<NatsProvider>,
+    settings: &Settings,
+) -> BenchResult<Histogram<u64>> {
+    let subject = subject("bench-core", "latency");
+    let latencies = Arc::new(Mutex::new(histogram()));
+    let recorded = Arc::clone(&latencies);
+    let handler = move |_: Context, message: Message| {
+        let sent = message
+            .header(SENT_HEADER)
+            .and_then(|sent| sent.parse::<u64>().ok());
+        record(&recorded, sent);
+        async { Ok::<(), broker::Error>(()) }
+    };
+    let subscription = provider
+        .subscribe_fn(&Context::new(), &subject, handler)
+        .await?;
+
+    paced(settings.latency_rate, settings.latency_duration, |_, _| {
+        let provider = Arc::clone(provider);
+        let subject = subject.clone();
+        async move {
+            tokio::spawn(async move {
+                let message = message().with_header(SENT_HEADER, now_ns().to_string());
+                let _ = provider.publish(&Context::new(), &subject, message).await;
+            });
+            Ok(())
+        }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    subscription.stop().await;
+    let histogram = latencies.lock().unwrap().clone();
+    Ok(histogram)
+}
+
+async fn latency_native(
+    client: &async_nats::Client,
+    settings: &Settings,
+) -> BenchResult<Histogram<u64>> {
+    let subject = subject("bench-core", "latency");
+    let latencies = Arc::new(Mutex::new(histogram()));
+    let mut subscriber = client.subscribe(subject.clone()).await?;
+    client.flush().await?;
+
+    let recorded = Arc::clone(&latencies);
+    let reader = tokio::spawn(async move {
+        while let Some(message) = subscriber.next().await {
+            let sent = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(SENT_HEADER))
+                .and_then(|sent| sent.as_str().parse::<u64>().ok());
+            record(&recorded, sent);
+        }
+    });
+
+    paced(settings.latency_rate, settings.latency_duration, |_, _| {
+        let client = client.clone();
+        let subject = subject.clone();
+        async move {
+            tokio::spawn(async move {
+                let mut headers = headers();
+                headers.insert(SENT_HEADER, now_ns().to_string().as_str());
+                let body = Bytes::from_static(&BODY);
+                if client
+                    .publish_with_headers(subject, headers, body)
+                    .await
+                    .is_ok()
+                {
+                    let _ = client.flush().await;
+                }
+            });
+            Ok(())
+        }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    reader.abort();
+    let histogram = latencies.lock().unwrap().clone();
+    Ok(histogram)
+}
