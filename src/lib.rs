@@ -32,6 +32,19 @@
 //! # }
 //! ```
 //!
+//! # Drivers
+//!
+//! | driver | module | Cargo feature | native client (the escape hatch) |
+//! |---|---|---|---|
+//! | `kafka` | `kafka` | `kafka` | rskafka's `Client` |
+//! | `rabbitmq` | `rabbitmq` | `rabbitmq` | amqprs's `Connection` and `Channel` |
+//! | `nats` | `nats` | `nats` | async-nats's `Client` and JetStream context |
+//! | `memory` | [`memory`] | always built | none: topics live in this process |
+//!
+//! The three network drivers are on by default; turn off default features and pick the ones
+//! a service uses to compile only those. [`Manager::get_as`] (or
+//! [`downcast`](Provider#method.downcast) on a provider) gives the concrete driver type.
+//!
 //! # Delivery
 //!
 //! A handler's `Ok` acknowledges its message. An `Err` (or a panic) is retried with backoff as
