@@ -135,7 +135,9 @@ impl Consumer {
             let readers = self.readers(&positions, Some(&member), &generation).await;
             join_all(readers).await;
             generation.cancelled().await;
-            heartbeat.abort();
+            // The heartbeat ends at its next step; waiting for it keeps a request from being
+            // cut off half-way on the coordinator connection.
+            let _ = heartbeat.await;
 
             if stop.is_cancelled() {
                 break;

@@ -48,6 +48,9 @@ pub(crate) struct Connection {
     client_id: StrBytes,
     correlation_id: i32,
     versions: HashMap<i16, RangeInclusive<i16>>,
+    /// Set while a request is on the wire: a request abandoned half-way (its future dropped)
+    /// leaves bytes the next one would misread, so the connection is not used again.
+    interrupted: bool,
 }
 
 impl Connection {
@@ -81,6 +84,7 @@ impl Connection {
             client_id: StrBytes::from_string(client_id.to_owned()),
             correlation_id: 0,
             versions: HashMap::new(),
+            interrupted: false,
         };
         let supported = connection
             .send(&ApiVersionsRequest::default(), 0, timeout)
@@ -182,6 +186,13 @@ impl Connection {
         request: &R,
         version: i16,
     ) -> Result<R::Response, WireError> {
+        if self.interrupted {
+            return Err(self.io_error(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier request was abandoned half-way",
+            )));
+        }
+        self.interrupted = true;
         self.correlation_id = self.correlation_id.wrapping_add(1);
         let correlation_id = self.correlation_id;
         let header = RequestHeader::default()
@@ -229,6 +240,7 @@ impl Connection {
         }
         let decoded = R::Response::decode(&mut response, version)
             .map_err(|error| self.protocol_error(error))?;
+        self.interrupted = false;
         if response.has_remaining() {
             tracing::trace!(
                 broker = %self.address,
