@@ -16,10 +16,9 @@ use rskafka::client::producer::aggregator::RecordAggregator;
 use rskafka::client::producer::{BatchProducer, BatchProducerBuilder};
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
-use tokio::sync::Notify;
 
 use crate::report::{Report, Soak};
-use crate::{BODY, Settings, compare_throughput, paced};
+use crate::{BODY, Settings, compare_throughput, new_group, paced, time_consume};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -229,27 +228,8 @@ async fn consume_broker(
     messages: usize,
 ) -> BenchResult<Duration> {
     let topic = filled_topic(client, config, messages).await?;
-    let handled = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(Notify::new());
-
-    let (count, all) = (Arc::clone(&handled), Arc::clone(&done));
-    let handler = move |_: Context, _: Message| {
-        if count.fetch_add(1, Ordering::Relaxed) + 1 == messages {
-            all.notify_one();
-        }
-        async { Ok::<(), broker::Error>(()) }
-    };
-    let group = SubscribeOptions::group(format!("bench-{}", uuid::Uuid::now_v7().simple()));
-    let subscription = provider
-        .subscribe(&Context::new(), &topic, group, Arc::new(handler))
-        .await?;
-
-    // Timing starts once the member joined, as the native side has nothing to join.
-    let start = Instant::now();
-    done.notified().await;
-    let elapsed = start.elapsed();
-    subscription.stop().await;
-    Ok(elapsed)
+    // Timing starts once the subscription is live, as the native side has nothing to join.
+    time_consume(provider, &topic, new_group(), messages).await
 }
 
 async fn consume_native(

@@ -19,9 +19,13 @@ mod nats;
 mod rabbitmq;
 mod report;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use broker::{Context, Message, Provider, SubscribeOptions};
 use report::{Figure, Report};
+use tokio::sync::Notify;
 
 /// The body of every benchmark message.
 const BODY: [u8; 256] = [b'x'; 256];
@@ -132,6 +136,39 @@ where
         best_native,
     ));
     Ok(())
+}
+
+/// Subscribes `group` to `topic`, where `messages` messages already wait for it, and returns
+/// how long the handler took to get them all, timed from when the subscription was live.
+pub(crate) async fn time_consume(
+    provider: &dyn Provider,
+    topic: &str,
+    group: SubscribeOptions,
+    messages: usize,
+) -> Result<Duration, Box<dyn std::error::Error>> {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let (count, all) = (Arc::clone(&handled), Arc::clone(&done));
+    let handler = move |_: Context, _: Message| {
+        if count.fetch_add(1, Ordering::Relaxed) + 1 == messages {
+            all.notify_one();
+        }
+        async { Ok::<(), broker::Error>(()) }
+    };
+    let subscription = provider
+        .subscribe(&Context::new(), topic, group, Arc::new(handler))
+        .await?;
+
+    let start = Instant::now();
+    done.notified().await;
+    let elapsed = start.elapsed();
+    subscription.stop().await;
+    Ok(elapsed)
+}
+
+/// A consumer group no earlier run used.
+pub(crate) fn new_group() -> SubscribeOptions {
+    SubscribeOptions::group(format!("bench-{}", uuid::Uuid::now_v7().simple()))
 }
 
 /// The process's resident memory now, in KiB.

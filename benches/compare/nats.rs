@@ -3,7 +3,6 @@
 //! Both sides promise the same: a core publish is flushed before it returns, a JetStream
 //! publish waits for the stream's ack, and a JetStream consumer acks every message.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -15,14 +14,13 @@ use broker::config::{
     SecretUrl,
 };
 use broker::nats::NatsProvider;
-use broker::{Context, Message, Provider, ProviderExt, SubscribeOptions};
+use broker::{Context, Message, Provider, ProviderExt};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
-use tokio::sync::Notify;
 
 use crate::report::Report;
-use crate::{BODY, Settings, compare_throughput, paced};
+use crate::{BODY, Settings, compare_throughput, new_group, paced, time_consume};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -259,27 +257,8 @@ async fn consume_broker(
     messages: usize,
 ) -> BenchResult<Duration> {
     let subject = filled_subject(context, prefix, messages).await?;
-    let handled = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(Notify::new());
-
-    let (count, all) = (Arc::clone(&handled), Arc::clone(&done));
-    let handler = move |_: Context, _: Message| {
-        if count.fetch_add(1, Ordering::Relaxed) + 1 == messages {
-            all.notify_one();
-        }
-        async { Ok::<(), broker::Error>(()) }
-    };
-    let group = SubscribeOptions::group(format!("bench-{}", uuid::Uuid::now_v7().simple()));
-    let subscription = provider
-        .subscribe(&Context::new(), &subject, group, Arc::new(handler))
-        .await?;
-
-    // Timing starts once the consumer exists, as on the native side.
-    let start = Instant::now();
-    done.notified().await;
-    let elapsed = start.elapsed();
-    subscription.stop().await;
-    Ok(elapsed)
+    // Timing starts once the subscription is live, as the native side has nothing to join.
+    time_consume(provider, &subject, new_group(), messages).await
 }
 
 async fn consume_native(

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use amqprs::callbacks::{ChannelCallback, DefaultConnectionCallback};
@@ -19,10 +18,10 @@ use broker::rabbitmq::RabbitMqProvider;
 use broker::{Context, Message, Provider, SubscribeOptions};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use crate::report::Report;
-use crate::{BODY, Settings, compare_throughput};
+use crate::{BODY, Settings, compare_throughput, time_consume};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -259,22 +258,7 @@ async fn consume_broker(
         .try_collect::<()>()
         .await?;
 
-    let handled = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(Notify::new());
-    let (count, all) = (Arc::clone(&handled), Arc::clone(&done));
-    let handler = move |_: Context, _: Message| {
-        if count.fetch_add(1, Ordering::Relaxed) + 1 == messages {
-            all.notify_one();
-        }
-        async { Ok::<(), broker::Error>(()) }
-    };
-    let start = Instant::now();
-    let subscription = provider
-        .subscribe(&ctx, &topic, group, Arc::new(handler))
-        .await?;
-    done.notified().await;
-    let elapsed = start.elapsed();
-    subscription.stop().await;
+    let elapsed = time_consume(provider, &topic, group, messages).await?;
 
     let channel = provider.open_channel(&ctx).await?;
     delete_queue(&channel, &format!("{topic}.bench")).await?;
