@@ -1,13 +1,11 @@
 //! Kafka: `broker` against rskafka used directly.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use broker::config::{KafkaConfig, StartOffset};
 use broker::kafka::KafkaProvider;
-use broker::{Context, Message, Provider, ProviderExt, SubscribeOptions};
-use bytes::Bytes;
+use broker::{Context, Message, Provider, ProviderExt};
 use futures_util::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
 use rskafka::chrono::DateTime;
@@ -17,8 +15,10 @@ use rskafka::client::producer::{BatchProducer, BatchProducerBuilder};
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
-use crate::report::{Report, Soak};
-use crate::{BODY, Settings, compare_throughput, new_group, paced, time_consume};
+use crate::report::Report;
+use crate::{
+    BODY, Settings, compare_throughput, message, new_group, now_ns, paced, soak, time_consume,
+};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -65,57 +65,15 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
     report.add_latency("kafka", "latency", &broker_latency, &native_latency);
 
     if !settings.soak.is_zero() {
-        report.add_soak(soak(&provider, settings).await?);
+        report.add_soak(soak(&*provider, "kafka", &topic(), settings).await?);
     }
 
     provider.close().await?;
     Ok(())
 }
 
-/// Publishes and consumes without pause for `settings.soak`, sampling resident memory.
-async fn soak(provider: &Arc<KafkaProvider>, settings: &Settings) -> BenchResult<Soak> {
-    let topic = topic();
-    let handled = Arc::new(AtomicUsize::new(0));
-    let count = Arc::clone(&handled);
-    let handler = move |_: Context, _: Message| {
-        count.fetch_add(1, Ordering::Relaxed);
-        async { Ok::<(), broker::Error>(()) }
-    };
-    provider.publish(&Context::new(), &topic, message()).await?;
-    let group = SubscribeOptions::group(format!("soak-{}", uuid::Uuid::now_v7().simple()));
-    let subscription = provider
-        .subscribe(&Context::new(), &topic, group, Arc::new(handler))
-        .await?;
-
-    let start = Instant::now();
-    let mut samples = vec![(0, crate::resident_kib())];
-    let mut next_sample = Duration::from_secs(5);
-    let ctx = Context::new();
-    while start.elapsed() < settings.soak {
-        futures_util::stream::iter(0..settings.concurrency)
-            .map(|_| provider.publish(&ctx, &topic, message()))
-            .buffer_unordered(settings.concurrency)
-            .try_collect::<()>()
-            .await?;
-        if start.elapsed() >= next_sample {
-            samples.push((next_sample.as_secs(), crate::resident_kib()));
-            next_sample += Duration::from_secs(5);
-        }
-    }
-    subscription.stop().await;
-    Ok(Soak {
-        driver: "kafka".to_owned(),
-        messages: handled.load(Ordering::Relaxed),
-        samples,
-    })
-}
-
 fn topic() -> String {
     format!("bench.{}", uuid::Uuid::now_v7().simple())
-}
-
-fn message() -> Message {
-    Message::new(Bytes::from_static(&BODY)).with_header("bench", "1")
 }
 
 fn record() -> Record {
@@ -126,12 +84,6 @@ fn record() -> Record {
         timestamp: DateTime::from_timestamp_millis(message().timestamp_millis())
             .unwrap_or_default(),
     }
-}
-
-/// Nanoseconds since the benchmark started, to time messages within this process.
-fn now_ns() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 async fn publish_broker(

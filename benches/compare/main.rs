@@ -8,8 +8,8 @@
 //!     [--latency-seconds N] [--soak-seconds N]
 //! ```
 //!
-//! `--soak-seconds` adds a sustained publish-and-consume run that samples the resident
-//! memory every few seconds, to show it stays flat however many messages pass.
+//! `--soak-seconds` adds, for each driver, a sustained publish-and-consume run that samples
+//! the resident memory every five seconds, to show it stays flat however many messages pass.
 //!
 //! Workloads use 256-byte bodies with one header. Throughput is messages per second (higher
 //! is better); latency is end-to-end, publish to handler, at a fixed rate (lower is better).
@@ -19,12 +19,13 @@ mod nats;
 mod rabbitmq;
 mod report;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use broker::{Context, Message, Provider, SubscribeOptions};
-use report::{Figure, Report};
+use futures_util::{StreamExt, TryStreamExt};
+use report::{Figure, Report, Soak};
 use tokio::sync::Notify;
 
 /// The body of every benchmark message.
@@ -164,6 +165,58 @@ pub(crate) async fn time_consume(
     let elapsed = start.elapsed();
     subscription.stop().await;
     Ok(elapsed)
+}
+
+/// A benchmark message: the 256-byte body and one header.
+pub(crate) fn message() -> Message {
+    Message::new(bytes::Bytes::from_static(&BODY)).with_header("bench", "1")
+}
+
+/// Nanoseconds since the benchmark started, to time messages within this process.
+pub(crate) fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Publishes to `topic` and consumes it in a new group without pause for `settings.soak`,
+/// sampling the resident memory every five seconds.
+pub(crate) async fn soak(
+    provider: &dyn Provider,
+    driver: &str,
+    topic: &str,
+    settings: &Settings,
+) -> Result<Soak, Box<dyn std::error::Error>> {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&handled);
+    let handler = move |_: Context, _: Message| {
+        count.fetch_add(1, Ordering::Relaxed);
+        async { Ok::<(), broker::Error>(()) }
+    };
+    let subscription = provider
+        .subscribe(&Context::new(), topic, new_group(), Arc::new(handler))
+        .await?;
+
+    let ctx = Context::new();
+    let start = Instant::now();
+    let mut samples = vec![(0, resident_kib())];
+    let mut next_sample = Duration::from_secs(5);
+    while start.elapsed() < settings.soak {
+        futures_util::stream::iter(0..settings.concurrency)
+            .map(|_| provider.publish(&ctx, topic, message()))
+            .buffer_unordered(settings.concurrency)
+            .try_collect::<()>()
+            .await?;
+        if start.elapsed() >= next_sample {
+            samples.push((next_sample.as_secs(), resident_kib()));
+            next_sample += Duration::from_secs(5);
+        }
+    }
+    subscription.stop().await;
+    Ok(Soak {
+        driver: driver.to_owned(),
+        messages: handled.load(Ordering::Relaxed),
+        samples,
+    })
 }
 
 /// A consumer group no earlier run used.

@@ -3,7 +3,7 @@
 //! Both sides promise the same: a core publish is flushed before it returns, a JetStream
 //! publish waits for the stream's ack, and a JetStream consumer acks every message.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
@@ -20,7 +20,9 @@ use futures_util::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
 
 use crate::report::Report;
-use crate::{BODY, Settings, compare_throughput, new_group, paced, time_consume};
+use crate::{
+    BODY, Settings, compare_throughput, message, new_group, now_ns, paced, soak, time_consume,
+};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -83,6 +85,11 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
     let native_latency = latency_native(&client, settings).await?;
     report.add_latency("nats", "core latency", &broker_latency, &native_latency);
 
+    if !settings.soak.is_zero() {
+        let topic = subject("bench-core", "soak");
+        report.add_soak(soak(&*core, "nats core", &topic, settings).await?);
+    }
+
     core.close().await?;
     streamed.close().await?;
     context.delete_stream(&stream_name).await?;
@@ -125,20 +132,10 @@ fn subject(prefix: &str, workload: &str) -> String {
     format!("{prefix}.{workload}.{}", uuid::Uuid::now_v7().simple())
 }
 
-fn message() -> Message {
-    Message::new(Bytes::from_static(&BODY)).with_header("bench", "1")
-}
-
 fn headers() -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("bench", "1");
     headers
-}
-
-/// Nanoseconds since the benchmark started, to time messages within this process.
-fn now_ns() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 async fn publish_core_broker(

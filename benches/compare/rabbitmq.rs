@@ -16,12 +16,11 @@ use async_trait::async_trait;
 use broker::config::{RabbitMqConfig, SecretUrl};
 use broker::rabbitmq::RabbitMqProvider;
 use broker::{Context, Message, Provider, SubscribeOptions};
-use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
 use crate::report::Report;
-use crate::{BODY, Settings, compare_throughput, time_consume};
+use crate::{BODY, Settings, compare_throughput, message, soak, time_consume};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -60,6 +59,11 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
     )
     .await?;
 
+    if !settings.soak.is_zero() {
+        let topic = topic();
+        report.add_soak(soak(&provider, "rabbitmq", &topic, settings).await?);
+    }
+
     provider.close().await?;
     let cleanup = native.open_channel(None).await?;
     cleanup
@@ -94,10 +98,6 @@ async fn connect_native(url: &str) -> BenchResult<Connection> {
 
 fn topic() -> String {
     format!("bench.{}", uuid::Uuid::now_v7().simple())
-}
-
-fn message() -> Message {
-    Message::new(Bytes::from_static(&BODY)).with_header("bench", "1")
 }
 
 /// A durable queue bound to `topic`, so publishes are routable; returns its name.
