@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use broker::config::{KafkaConfig, StartOffset};
 use broker::kafka::KafkaProvider;
-use broker::{Context, Message, Provider, ProviderExt};
+use broker::{Context, Provider};
 use futures_util::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
 use rskafka::chrono::DateTime;
@@ -15,15 +15,16 @@ use rskafka::client::producer::{BatchProducer, BatchProducerBuilder};
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
+use crate::record as record_latency;
 use crate::report::Report;
 use crate::{
-    BODY, Settings, compare_throughput, message, new_group, now_ns, paced, soak, time_consume,
+    BODY, SENT_HEADER, Settings, compare_throughput, histogram, latency_through, message,
+    new_group, now_ns, paced, soak, time_consume,
 };
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 const PARTITIONS: i32 = 4;
-const SENT_HEADER: &str = "sent_ns";
 
 pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult<()> {
     let address = std::env::var("TEST_KAFKA_ADDR").unwrap_or_else(|_| "127.0.0.1:9092".into());
@@ -60,7 +61,7 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
     )
     .await?;
 
-    let broker_latency = latency_broker(&provider, settings).await?;
+    let broker_latency = latency_through(provider.clone(), &topic(), settings).await?;
     let native_latency = latency_native(&native, &config, settings).await?;
     report.add_latency("kafka", "latency", &broker_latency, &native_latency);
 
@@ -219,51 +220,6 @@ async fn consume_native(
     Ok(elapsed)
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
-}
-
-async fn latency_broker(
-    provider: &Arc<KafkaProvider>,
-    settings: &Settings,
-) -> BenchResult<Histogram<u64>> {
-    let topic = topic();
-    let latencies = Arc::new(Mutex::new(histogram()));
-    let recorded = Arc::clone(&latencies);
-    let handler = move |_: Context, message: Message| {
-        if let Some(sent) = message
-            .header(SENT_HEADER)
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            let micros = now_ns().saturating_sub(sent) / 1_000;
-            let _ = recorded.lock().unwrap().record(micros.max(1));
-        }
-        async { Ok::<(), broker::Error>(()) }
-    };
-    provider.publish(&Context::new(), &topic, message()).await?;
-    // Without a group the subscription reads every partition from its end.
-    let subscription = provider
-        .subscribe_fn(&Context::new(), &topic, handler)
-        .await?;
-
-    paced(settings.latency_rate, settings.latency_duration, |_, _| {
-        let provider = Arc::clone(provider);
-        let topic = topic.clone();
-        async move {
-            tokio::spawn(async move {
-                let message = message().with_header(SENT_HEADER, now_ns().to_string());
-                let _ = provider.publish(&Context::new(), &topic, message).await;
-            });
-            Ok(())
-        }
-    })
-    .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    subscription.stop().await;
-    let histogram = latencies.lock().unwrap().clone();
-    Ok(histogram)
-}
-
 async fn latency_native(
     client: &Arc<Client>,
     config: &KafkaConfig,
@@ -287,10 +243,7 @@ async fn latency_native(
                         .headers
                         .get(SENT_HEADER)
                         .and_then(|value| std::str::from_utf8(value).ok()?.parse::<u64>().ok());
-                    if let Some(sent) = sent {
-                        let micros = now_ns().saturating_sub(sent) / 1_000;
-                        let _ = latencies.lock().unwrap().record(micros.max(1));
-                    }
+                    record_latency(&latencies, sent);
                     offset = record.offset + 1;
                 }
             }

@@ -20,11 +20,12 @@ mod rabbitmq;
 mod report;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use broker::{Context, Message, Provider, SubscribeOptions};
 use futures_util::{StreamExt, TryStreamExt};
+use hdrhistogram::Histogram;
 use report::{Figure, Report, Soak};
 use tokio::sync::Notify;
 
@@ -217,6 +218,72 @@ pub(crate) async fn soak(
         messages: handled.load(Ordering::Relaxed),
         samples,
     })
+}
+
+/// The header that carries a message's send time ([`now_ns`]) in the latency workloads.
+pub(crate) const SENT_HEADER: &str = "sent_ns";
+
+/// A histogram of latencies in microseconds, up to a minute.
+pub(crate) fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Records the time since `sent` (from [`now_ns`]) in `latencies`.
+pub(crate) fn record(latencies: &Mutex<Histogram<u64>>, sent: Option<u64>) {
+    if let Some(sent) = sent {
+        let micros = now_ns().saturating_sub(sent) / 1_000;
+        let _ = latencies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(micros.max(1));
+    }
+}
+
+/// End-to-end latency through `broker`: a subscriber without a group on `topic`, and
+/// publishes at the settings' fixed rate, each carrying its send time.
+pub(crate) async fn latency_through(
+    provider: Arc<dyn Provider>,
+    topic: &str,
+    settings: &Settings,
+) -> Result<Histogram<u64>, Box<dyn std::error::Error>> {
+    let latencies = Arc::new(Mutex::new(histogram()));
+    let recorded = Arc::clone(&latencies);
+    let handler = move |_: Context, message: Message| {
+        let sent = message
+            .header(SENT_HEADER)
+            .and_then(|sent| sent.parse().ok());
+        record(&recorded, sent);
+        async { Ok::<(), broker::Error>(()) }
+    };
+    let subscription = provider
+        .subscribe(
+            &Context::new(),
+            topic,
+            SubscribeOptions::default(),
+            Arc::new(handler),
+        )
+        .await?;
+
+    paced(settings.latency_rate, settings.latency_duration, |_, _| {
+        let provider = Arc::clone(&provider);
+        let topic = topic.to_owned();
+        async move {
+            // Spawned, so a slow acknowledgement does not hold back the next send.
+            tokio::spawn(async move {
+                let message = message().with_header(SENT_HEADER, now_ns().to_string());
+                let _ = provider.publish(&Context::new(), &topic, message).await;
+            });
+            Ok(())
+        }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    subscription.stop().await;
+    let histogram = latencies
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    Ok(histogram)
 }
 
 /// A consumer group no earlier run used.

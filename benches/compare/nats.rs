@@ -14,19 +14,18 @@ use broker::config::{
     SecretUrl,
 };
 use broker::nats::NatsProvider;
-use broker::{Context, Message, Provider, ProviderExt};
+use broker::{Context, Provider};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
 
 use crate::report::Report;
 use crate::{
-    BODY, Settings, compare_throughput, message, new_group, now_ns, paced, soak, time_consume,
+    BODY, SENT_HEADER, Settings, compare_throughput, histogram, latency_through, message,
+    new_group, now_ns, paced, record, soak, time_consume,
 };
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-const SENT_HEADER: &str = "sent_ns";
 
 pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult<()> {
     let url = std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
@@ -81,7 +80,8 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
     )
     .await?;
 
-    let broker_latency = latency_broker(&core, settings).await?;
+    let broker_latency =
+        latency_through(core.clone(), &subject("bench-core", "latency"), settings).await?;
     let native_latency = latency_native(&client, settings).await?;
     report.add_latency("nats", "core latency", &broker_latency, &native_latency);
 
@@ -300,53 +300,6 @@ async fn consume_native(
     drop(pulled);
     stream.delete_consumer(&name).await?;
     Ok(elapsed)
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
-}
-
-fn record(latencies: &Mutex<Histogram<u64>>, sent: Option<u64>) {
-    if let Some(sent) = sent {
-        let micros = now_ns().saturating_sub(sent) / 1_000;
-        let _ = latencies.lock().unwrap().record(micros.max(1));
-    }
-}
-
-async fn latency_broker(
-    provider: &Arc<NatsProvider>,
-    settings: &Settings,
-) -> BenchResult<Histogram<u64>> {
-    let subject = subject("bench-core", "latency");
-    let latencies = Arc::new(Mutex::new(histogram()));
-    let recorded = Arc::clone(&latencies);
-    let handler = move |_: Context, message: Message| {
-        let sent = message
-            .header(SENT_HEADER)
-            .and_then(|sent| sent.parse::<u64>().ok());
-        record(&recorded, sent);
-        async { Ok::<(), broker::Error>(()) }
-    };
-    let subscription = provider
-        .subscribe_fn(&Context::new(), &subject, handler)
-        .await?;
-
-    paced(settings.latency_rate, settings.latency_duration, |_, _| {
-        let provider = Arc::clone(provider);
-        let subject = subject.clone();
-        async move {
-            tokio::spawn(async move {
-                let message = message().with_header(SENT_HEADER, now_ns().to_string());
-                let _ = provider.publish(&Context::new(), &subject, message).await;
-            });
-            Ok(())
-        }
-    })
-    .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    subscription.stop().await;
-    let histogram = latencies.lock().unwrap().clone();
-    Ok(histogram)
 }
 
 async fn latency_native(

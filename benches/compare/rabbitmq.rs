@@ -2,7 +2,7 @@
 //! both sides.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use amqprs::callbacks::{ChannelCallback, DefaultConnectionCallback};
@@ -17,10 +17,14 @@ use broker::config::{RabbitMqConfig, SecretUrl};
 use broker::rabbitmq::RabbitMqProvider;
 use broker::{Context, Message, Provider, SubscribeOptions};
 use futures_util::{StreamExt, TryStreamExt};
+use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 
 use crate::report::Report;
-use crate::{BODY, Settings, compare_throughput, message, soak, time_consume};
+use crate::{
+    BODY, Settings, compare_throughput, histogram, latency_through, message, now_ns, paced, record,
+    soak, time_consume,
+};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -59,9 +63,14 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
     )
     .await?;
 
+    let provider = Arc::new(provider);
+    let broker_latency = latency_through(provider.clone(), &topic(), settings).await?;
+    let native_latency = latency_native(&native, &exchange, settings).await?;
+    report.add_latency("rabbitmq", "latency", &broker_latency, &native_latency);
+
     if !settings.soak.is_zero() {
         let topic = topic();
-        report.add_soak(soak(&provider, "rabbitmq", &topic, settings).await?);
+        report.add_soak(soak(&*provider, "rabbitmq", &topic, settings).await?);
     }
 
     provider.close().await?;
@@ -301,4 +310,66 @@ async fn consume_native(
     delete_queue(&channel, &queue).await?;
     channel.close().await?;
     Ok(elapsed)
+}
+
+/// End-to-end latency with amqprs alone: a bound queue consumed with manual acks, and
+/// publishes at the settings' fixed rate that carry their send time as the message id.
+async fn latency_native(
+    connection: &Connection,
+    exchange: &str,
+    settings: &Settings,
+) -> BenchResult<Histogram<u64>> {
+    let topic = topic();
+    let channel = connection.open_channel(None).await?;
+    let queue = bound_queue(&channel, exchange, &topic).await?;
+    channel
+        .basic_qos(BasicQosArguments::new(0, 64, false))
+        .await?;
+    let mut args = BasicConsumeArguments::new(&queue, "");
+    args.manual_ack(true);
+    let (_tag, mut deliveries) = channel.basic_consume_rx(args).await?;
+
+    let latencies = Arc::new(Mutex::new(histogram()));
+    let recorded = Arc::clone(&latencies);
+    let acks = channel.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(delivery) = deliveries.recv().await {
+            let sent = delivery
+                .basic_properties
+                .as_ref()
+                .and_then(|properties| properties.message_id()?.parse().ok());
+            record(&recorded, sent);
+            let tag = delivery.deliver.map_or(0, |deliver| deliver.delivery_tag());
+            let _ = acks.basic_ack(BasicAckArguments::new(tag, false)).await;
+        }
+    });
+
+    let publisher = connection.open_channel(None).await?;
+    paced(settings.latency_rate, settings.latency_duration, |_, _| {
+        let publisher = publisher.clone();
+        let (exchange, topic) = (exchange.to_owned(), topic.clone());
+        async move {
+            let properties = BasicProperties::default()
+                .with_persistence(true)
+                .with_message_id(&now_ns().to_string())
+                .finish();
+            let args = BasicPublishArguments::new(&exchange, &topic);
+            publisher
+                .basic_publish(properties, BODY.to_vec(), args)
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    delete_queue(&channel, &queue).await?;
+    reader.abort();
+    publisher.close().await?;
+    channel.close().await?;
+    let histogram = latencies
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    Ok(histogram)
 }

@@ -85,7 +85,11 @@ impl Soak {
     /// memory that grows with the number of messages ends the run at its highest.
     pub(crate) fn is_flat(&self) -> bool {
         let half = self.samples.len().div_ceil(2);
-        let early = self.samples[..half].iter().map(|(_, kib)| *kib).max().unwrap_or(0);
+        let early = self.samples[..half]
+            .iter()
+            .map(|(_, kib)| *kib)
+            .max()
+            .unwrap_or(0);
         let last = self.samples.last().map_or(0, |(_, kib)| *kib);
         last <= early + early / 10 + 4 * 1024
     }
