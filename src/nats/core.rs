@@ -116,7 +116,7 @@ impl Consumer {
                 Outcome::Interrupted => {
                     tracing::warn!(
                         connection = %self.shared.name,
-                        driver = DRIVER,
+                        driver = %DRIVER,
                         topic = %self.topic,
                         message_id = %message.id,
                         trace_id = message.trace_id().unwrap_or_default(),
@@ -139,7 +139,7 @@ impl Consumer {
             dropped => {
                 tracing::error!(
                     connection = %self.shared.name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     topic = %self.topic,
                     subject,
                     message_id = %message.id,
@@ -166,7 +166,7 @@ impl Consumer {
         match sent {
             Ok(()) => tracing::error!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 dead_letter_subject = %target,
                 message_id = %message.id,
@@ -177,7 +177,7 @@ impl Consumer {
             ),
             Err(publish_error) => tracing::error!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 dead_letter_subject = %target,
                 message_id = %message.id,
@@ -202,7 +202,7 @@ impl Consumer {
         if dropped > 0 {
             tracing::warn!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 dropped,
                 "subscription stopped with messages not yet handled: core NATS cannot \

@@ -145,7 +145,7 @@ pub(super) async fn publish(
         if attempt == 1 || attempt % 20 == 0 {
             tracing::info!(
                 connection,
-                driver = DRIVER,
+                driver = %DRIVER,
                 subject,
                 attempt,
                 delay_ms = delay.as_millis(),
@@ -251,7 +251,7 @@ impl Consumer {
                     | MessagesErrorKind::PushBasedConsumer => {
                         tracing::warn!(
                             connection = %self.shared.name,
-                            driver = DRIVER,
+                            driver = %DRIVER,
                             topic = %self.topic,
                             error = %error,
                             "the consumer is gone or unreachable; opening it again"
@@ -263,7 +263,7 @@ impl Consumer {
                     _ => {
                         tracing::warn!(
                             connection = %self.shared.name,
-                            driver = DRIVER,
+                            driver = %DRIVER,
                             topic = %self.topic,
                             error = %error,
                             "pulling messages failed"
@@ -357,7 +357,7 @@ impl Consumer {
         if let Err(error) = delivered.ack_with(kind).await {
             tracing::warn!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 message_id = %message.id,
                 ack = name,
@@ -383,7 +383,7 @@ impl Consumer {
             dropped => {
                 tracing::error!(
                     connection = %self.shared.name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     topic = %self.topic,
                     subject,
                     message_id = %message.id,
@@ -406,7 +406,7 @@ impl Consumer {
             Ok(()) => {
                 tracing::error!(
                     connection = %self.shared.name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     topic = %self.topic,
                     dead_letter_subject = %target,
                     message_id = %message.id,
@@ -421,7 +421,7 @@ impl Consumer {
                 let delay = self.dispatcher.retry().backoff(attempts);
                 tracing::error!(
                     connection = %self.shared.name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     topic = %self.topic,
                     dead_letter_subject = %target,
                     message_id = %message.id,
@@ -459,7 +459,7 @@ impl Consumer {
             Err(error) if error.kind() == PublishErrorKind::StreamNotFound => {
                 tracing::warn!(
                     connection = %self.shared.name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     dead_letter_subject = target,
                     "no stream captures the dead-letter subject: it is published on core NATS \
                      and reaches only current subscribers"
@@ -501,7 +501,7 @@ impl Consumer {
                         self.messages = messages;
                         tracing::info!(
                             connection = %self.shared.name,
-                            driver = DRIVER,
+                            driver = %DRIVER,
                             topic = %self.topic,
                             "consumer opened again"
                         );
@@ -516,7 +516,7 @@ impl Consumer {
                 .min(Duration::from_secs(5));
             tracing::info!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 attempt,
                 delay_ms = delay.as_millis(),
@@ -561,7 +561,7 @@ impl Consumer {
         {
             tracing::warn!(
                 connection = %self.shared.name,
-                driver = DRIVER,
+                driver = %DRIVER,
                 topic = %self.topic,
                 "the last acknowledgements could not be flushed: those messages will be \
                  delivered again"

@@ -275,8 +275,8 @@ impl NatsProvider {
         };
 
         tracing::info!(
-            connection = name,
-            driver = DRIVER,
+            connection = %name,
+            driver = %DRIVER,
             address = %address,
             mode = ?config.mode,
             "connected to NATS"
@@ -367,7 +367,7 @@ async fn connect_options(name: &str, config: &NatsConfig) -> Result<ConnectOptio
             if attempt > 1 {
                 tracing::info!(
                     connection = %delays_name,
-                    driver = DRIVER,
+                    driver = %DRIVER,
                     attempt,
                     delay_ms = delay.as_millis(),
                     "reconnecting to NATS"
@@ -448,8 +448,8 @@ async fn first_connect(
             .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
             .min(Duration::from_secs(2));
         tracing::info!(
-            connection = name,
-            driver = DRIVER,
+            connection = %name,
+            driver = %DRIVER,
             attempt,
             delay_ms = delay.as_millis(),
             error = %error,
@@ -474,28 +474,28 @@ fn reconnect_delay(attempt: usize) -> Duration {
 
 fn log_event(name: &str, event: Event) {
     match event {
-        Event::Connected => tracing::info!(connection = name, driver = DRIVER, "NATS connected"),
+        Event::Connected => tracing::info!(connection = %name, driver = %DRIVER, "NATS connected"),
         Event::Disconnected => {
-            tracing::warn!(connection = name, driver = DRIVER, "NATS disconnected")
+            tracing::warn!(connection = %name, driver = %DRIVER, "NATS disconnected")
         }
         Event::LameDuckMode => tracing::warn!(
-            connection = name,
-            driver = DRIVER,
+            connection = %name,
+            driver = %DRIVER,
             "the NATS server is shutting down (lame duck mode)"
         ),
-        Event::Draining => tracing::info!(connection = name, driver = DRIVER, "NATS draining"),
-        Event::Closed => tracing::info!(connection = name, driver = DRIVER, "NATS closed"),
+        Event::Draining => tracing::info!(connection = %name, driver = %DRIVER, "NATS draining"),
+        Event::Closed => tracing::info!(connection = %name, driver = %DRIVER, "NATS closed"),
         Event::SlowConsumer(sid) => tracing::warn!(
-            connection = name,
-            driver = DRIVER,
+            connection = %name,
+            driver = %DRIVER,
             subscription = sid,
             "slow consumer: the subscription's buffer is full and messages were dropped"
         ),
         Event::ServerError(error) => {
-            tracing::warn!(connection = name, driver = DRIVER, error = %error, "NATS server error")
+            tracing::warn!(connection = %name, driver = %DRIVER, error = %error, "NATS server error")
         }
         Event::ClientError(error) => {
-            tracing::warn!(connection = name, driver = DRIVER, error = %error, "NATS client error")
+            tracing::warn!(connection = %name, driver = %DRIVER, error = %error, "NATS client error")
         }
     }
 }
@@ -581,7 +581,7 @@ impl Provider for NatsProvider {
 
         tracing::debug!(
             connection = %self.shared.name,
-            driver = DRIVER,
+            driver = %DRIVER,
             topic,
             group = group.as_deref().unwrap_or(""),
             "subscribed"
@@ -629,7 +629,7 @@ impl Provider for NatsProvider {
         if let Err(error) = self.shared.client.drain().await {
             tracing::debug!(connection = %self.shared.name, error = %error, "drain failed");
         }
-        tracing::info!(connection = %self.shared.name, driver = DRIVER, "closed");
+        tracing::info!(connection = %self.shared.name, driver = %DRIVER, "closed");
         result
     }
 }
