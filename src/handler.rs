@@ -42,6 +42,13 @@ where
     }
 }
 
+/// A shared handler is a handler too, so one can serve several subscriptions.
+impl Handler for Arc<dyn Handler> {
+    fn call(&self, ctx: Context, message: Message) -> BoxFuture<'static, HandlerResult> {
+        (**self).call(ctx, message)
+    }
+}
+
 /// How often and how patiently a failed message is retried before it is dead-lettered.
 ///
 /// In configuration this is the `retry` table of a connection, for example
@@ -204,6 +211,30 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_shared_handler_is_a_handler() {
+        fn handle_with(
+            handler: impl Handler,
+            message: Message,
+        ) -> BoxFuture<'static, HandlerResult> {
+            handler.call(Context::new(), message)
+        }
+        let shared: Arc<dyn Handler> = Arc::new(|_: Context, message: Message| async move {
+            if message.body.is_empty() {
+                Err(BoxError::from("empty"))
+            } else {
+                Ok(())
+            }
+        });
+
+        assert!(
+            handle_with(Arc::clone(&shared), Message::new("x"))
+                .await
+                .is_ok()
+        );
+        assert!(handle_with(shared, Message::new("")).await.is_err());
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
