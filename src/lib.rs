@@ -80,6 +80,7 @@ mod provider;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 mod subscription;
+mod tls;
 
 pub use config::{Config, ConfigError, ConfigErrorKind};
 pub use context::Context;

@@ -82,7 +82,7 @@ fn the_reference_and_memory_configurations_parse() {
     assert_eq!(
         drivers,
         [
-            "kafka", "memory", "nats", "nats", "nats", "nats", "rabbitmq"
+            "kafka", "memory", "nats", "nats", "nats", "nats", "nats", "rabbitmq", "rabbitmq"
         ]
     );
     assert!(memory.brokers.values().all(|c| c.driver() == "memory"));

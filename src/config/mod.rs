@@ -33,7 +33,7 @@ use serde::de::DeserializeOwned;
 
 pub use drivers::{
     Assignor, ExchangeKind, KafkaCompression, KafkaConfig, KafkaSasl, MemoryConfig, NatsConfig,
-    NatsMode, RabbitMqConfig, SaslMechanism, StartOffset,
+    NatsMode, RabbitMqConfig, SaslMechanism, StartOffset, TlsConfig,
 };
 pub use drivers::{
     NatsConsumerConfig, NatsDeliver, NatsMissingStream, NatsRetention, NatsStorage,
@@ -324,6 +324,14 @@ impl ConfigError {
             key: None,
             message: message.into(),
         }
+    }
+
+    /// An invalid value found while connecting, such as an unreadable certificate file.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn invalid_value(connection: &str, key: &str, message: impl Into<String>) -> Self {
+        ConfigError::new(ConfigErrorKind::InvalidValue, message)
+            .connection(connection)
+            .key(key)
     }
 
     fn in_file(mut self, file: &Path) -> Self {

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::tls::{self, TLS_KEYS, TlsConfig};
 use super::{RETRY_KEYS, check_host_port, default_dead_letter, invalid, validate_retry};
 use crate::config::{DriverTable, Secret, ValueKind};
 use crate::handler::RetryPolicy;
@@ -71,6 +72,9 @@ pub struct KafkaConfig {
     /// SASL authentication; none when absent.
     #[serde(default)]
     pub sasl: Option<KafkaSasl>,
+    /// TLS to every broker; plain TCP when absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 /// `[brokers.<name>.kafka.sasl]`: how the client authenticates to every broker.
@@ -220,6 +224,7 @@ impl Default for KafkaConfig {
             retry: RetryPolicy::default(),
             dead_letter_topic: default_dead_letter(),
             sasl: None,
+            tls: None,
         }
     }
 }
@@ -252,6 +257,11 @@ impl DriverTable for KafkaConfig {
         ("sasl.mechanism", ValueKind::Text),
         ("sasl.username", ValueKind::Text),
         ("sasl.password", ValueKind::Text),
+        TLS_KEYS[0],
+        TLS_KEYS[1],
+        TLS_KEYS[2],
+        TLS_KEYS[3],
+        TLS_KEYS[4],
     ];
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -283,6 +293,14 @@ impl DriverTable for KafkaConfig {
         if self.max_batch_bytes == 0 {
             return Err(invalid("max_batch_bytes", "must be at least 1"));
         }
+        tls::validate(self.tls.as_ref())?;
         validate_retry(&self.retry)
+    }
+}
+
+impl KafkaConfig {
+    /// The TLS settings in force, if TLS is on.
+    pub fn tls(&self) -> Option<&TlsConfig> {
+        tls::active(self.tls.as_ref())
     }
 }

@@ -4,6 +4,7 @@ mod kafka;
 mod memory;
 mod nats;
 mod rabbitmq;
+mod tls;
 
 use super::ValueKind;
 use super::secret::SecretUrl;
@@ -16,6 +17,7 @@ pub use nats::{
     NatsStorage, NatsStreamConfig,
 };
 pub use rabbitmq::{ExchangeKind, RabbitMqConfig};
+pub use tls::TlsConfig;
 
 /// The keys of the `retry` table every driver has, for environment overrides.
 const RETRY_KEYS: [(&str, ValueKind); 4] = [

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use super::tls::{self, TLS_KEYS, TlsConfig};
 use super::*;
 use crate::config::{DriverTable, ValueKind};
 use crate::config::{Secret, SecretUrl};
@@ -79,6 +80,10 @@ pub struct NatsConfig {
     /// JetStream: the consumers that subscriptions create.
     #[serde(default)]
     pub consumer: Box<NatsConsumerConfig>,
+    /// TLS settings. TLS is also on for `tls://` and `wss://` URLs, with the system's roots
+    /// when this table is absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for NatsConfig {
@@ -98,6 +103,7 @@ impl Default for NatsConfig {
             dead_letter_subject: default_dead_letter(),
             stream: None,
             consumer: Box::default(),
+            tls: None,
         }
     }
 }
@@ -228,6 +234,11 @@ impl NatsConfig {
     pub fn all_urls(&self) -> impl Iterator<Item = &SecretUrl> {
         self.url.iter().chain(&self.urls)
     }
+
+    /// The TLS settings in force, if the `tls` table turns TLS on.
+    pub fn tls(&self) -> Option<&TlsConfig> {
+        tls::active(self.tls.as_ref())
+    }
 }
 
 impl DriverTable for NatsConfig {
@@ -261,6 +272,11 @@ impl DriverTable for NatsConfig {
         ("consumer.max_deliver", ValueKind::Integer),
         ("consumer.backoff", ValueKind::List),
         ("consumer.max_ack_pending", ValueKind::Integer),
+        TLS_KEYS[0],
+        TLS_KEYS[1],
+        TLS_KEYS[2],
+        TLS_KEYS[3],
+        TLS_KEYS[4],
     ];
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -270,6 +286,7 @@ impl DriverTable for NatsConfig {
         let schemes = ["nats", "tls", "ws", "wss"];
         check_urls(self.url.iter(), "url", &schemes)?;
         check_urls(self.urls.iter(), "urls", &schemes)?;
+        tls::validate(self.tls.as_ref())?;
         match (&self.user, &self.password) {
             (Some(_), None) => return Err(invalid("password", "`user` is set without it")),
             (None, Some(_)) => return Err(invalid("user", "`password` is set without it")),

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::tls::{self, TLS_KEYS, TlsConfig};
 use super::*;
 use crate::config::SecretUrl;
 use crate::config::{DriverTable, ValueKind};
@@ -83,6 +84,9 @@ pub struct RabbitMqConfig {
     /// The longest wait between two reconnection attempts.
     #[serde(default = "default_reconnect_max_backoff", with = "humantime_serde")]
     pub reconnect_max_backoff: Duration,
+    /// TLS settings for `amqps://` URLs; the system's roots when absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_concurrency() -> u16 {
@@ -132,6 +136,7 @@ impl Default for RabbitMqConfig {
             connection_name: String::new(),
             reconnect_backoff: default_reconnect_backoff(),
             reconnect_max_backoff: default_reconnect_max_backoff(),
+            tls: None,
         }
     }
 }
@@ -140,6 +145,11 @@ impl RabbitMqConfig {
     /// Every configured server URL: `url` first, then `urls`.
     pub fn all_urls(&self) -> impl Iterator<Item = &SecretUrl> {
         self.url.iter().chain(&self.urls)
+    }
+
+    /// The TLS settings of `amqps://` URLs, when the `tls` table is present and enabled.
+    pub fn tls(&self) -> Option<&TlsConfig> {
+        tls::active(self.tls.as_ref())
     }
 
     /// The dead-letter exchange's name, with `{exchange}` replaced.
@@ -190,6 +200,11 @@ impl DriverTable for RabbitMqConfig {
         ("connection_name", ValueKind::Text),
         ("reconnect_backoff", ValueKind::Text),
         ("reconnect_max_backoff", ValueKind::Text),
+        TLS_KEYS[0],
+        TLS_KEYS[1],
+        TLS_KEYS[2],
+        TLS_KEYS[3],
+        TLS_KEYS[4],
     ];
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -198,6 +213,24 @@ impl DriverTable for RabbitMqConfig {
         }
         check_urls(self.url.iter(), "url", &["amqp", "amqps"])?;
         check_urls(self.urls.iter(), "urls", &["amqp", "amqps"])?;
+        tls::validate(self.tls.as_ref())?;
+        if self.tls().is_some() {
+            // TLS is chosen per URL, as every AMQP client does; a table that would silently
+            // not apply to a plain URL is a mistake worth reporting.
+            for (key, url) in self
+                .url
+                .iter()
+                .map(|url| ("url", url))
+                .chain(self.urls.iter().map(|url| ("urls", url)))
+            {
+                if url.scheme() != "amqps" {
+                    return Err(invalid(
+                        key,
+                        &format!("`{url}` is not amqps://, so the tls table would not apply to it"),
+                    ));
+                }
+            }
+        }
         if self.exchange.is_empty() {
             return Err(invalid("exchange", "the exchange name is empty"));
         }
