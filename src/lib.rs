@@ -80,6 +80,7 @@ mod provider;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 mod subscription;
+#[cfg(any(feature = "kafka", feature = "rabbitmq", feature = "nats"))]
 mod tls;
 
 pub use config::{Config, ConfigError, ConfigErrorKind};

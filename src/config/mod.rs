@@ -327,7 +327,7 @@ impl ConfigError {
     }
 
     /// An invalid value found while connecting, such as an unreadable certificate file.
-    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    #[cfg(feature = "tls")]
     pub(crate) fn invalid_value(connection: &str, key: &str, message: impl Into<String>) -> Self {
         ConfigError::new(ConfigErrorKind::InvalidValue, message)
             .connection(connection)

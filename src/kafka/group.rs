@@ -26,6 +26,7 @@ use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 use super::wire::{Connection, WireError};
 use crate::config::{Assignor, KafkaSasl};
+use crate::tls::ClientTls;
 
 /// What went wrong in the group protocol.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,7 @@ pub(crate) struct GroupSettings {
     pub(crate) request_timeout: Duration,
     pub(crate) assignor: Assignor,
     pub(crate) sasl: Option<KafkaSasl>,
+    pub(crate) tls: Option<ClientTls>,
 }
 
 /// One member of one group, subscribed to one topic.
@@ -393,6 +395,7 @@ impl Member {
                 &address,
                 &settings.client_id,
                 settings.sasl.as_ref(),
+                settings.tls.as_ref(),
                 settings.request_timeout,
             )
             .await?;
@@ -420,6 +423,7 @@ impl Member {
                     broker,
                     &self.settings.client_id,
                     self.settings.sasl.as_ref(),
+                    self.settings.tls.as_ref(),
                     timeout,
                 )
                 .await?;

@@ -29,6 +29,11 @@
 //!   `start_offset`, and that position is committed at once so its next owner starts there too.
 //! - **Delivery** is at-least-once: after a crash, or a commit that failed, records since the
 //!   last commit are delivered again.
+//! - **Security**: SASL (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`) and TLS, each on when its
+//!   table is present, together Kafka's `SASL_SSL`. TLS needs the crate's `tls` feature and
+//!   covers every connection, the group coordinator's included. The feature turns on
+//!   rskafka's TLS transport, which compiles `ring`, the one C dependency this driver gains:
+//!   rskafka offers no other way to TLS.
 //!
 //! The escape hatch, [`KafkaProvider::client`], gives rskafka's `Client`.
 
@@ -54,6 +59,7 @@ use crate::message::Message;
 use crate::propagation;
 use crate::provider::{Provider, SubscribeOptions};
 use crate::subscription::{Subscription, Subscriptions};
+use crate::tls::{self, ClientTls};
 
 pub use consumer::{DEAD_LETTER_OFFSET_HEADER, DEAD_LETTER_PARTITION_HEADER};
 pub use record::{ID_HEADER, KEY_HEADER, partition_for_key};
@@ -76,6 +82,8 @@ pub(crate) struct Shared {
     pub(crate) config: KafkaConfig,
     pub(crate) client: Arc<Client>,
     pub(crate) producer: Producer,
+    /// The TLS of coordinator connections, the same as rskafka's.
+    pub(crate) tls: Option<ClientTls>,
 }
 
 impl KafkaProvider {
@@ -100,6 +108,11 @@ impl KafkaProvider {
                 SaslMechanism::ScramSha512 => SaslConfig::ScramSha512(credentials),
             });
         }
+        let tls = tls::configure(config.tls(), name, "kafka.tls", origin)?;
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &tls {
+            builder = builder.tls_config(Arc::clone(tls));
+        }
         let client = ctx
             .run(origin, async {
                 builder
@@ -117,6 +130,7 @@ impl KafkaProvider {
                 producer: Producer::new(Arc::clone(&client), config.clone()),
                 config,
                 client,
+                tls,
             }),
             subscriptions: Subscriptions::new(),
         })
@@ -178,6 +192,7 @@ impl KafkaProvider {
             request_timeout: config.request_timeout,
             assignor: config.assignor,
             sasl: config.sasl.clone(),
+            tls: self.shared.tls.clone(),
         };
         let mut member = Member::new(&group, topic, settings);
         let positions = consumer.join(&mut member).await.map_err(fail)?;

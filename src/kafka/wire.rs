@@ -12,10 +12,11 @@ use kafka_protocol::messages::{
     SaslHandshakeRequest,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::KafkaSasl;
+use crate::tls::ClientTls;
 
 /// The largest response accepted, to bound memory when a peer sends garbage.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -27,6 +28,9 @@ pub(crate) enum WireError {
     Connect { address: String, source: io::Error },
     #[error("connection to {address} failed: {source}")]
     Io { address: String, source: io::Error },
+    #[cfg(feature = "tls")]
+    #[error("TLS handshake with {address} failed: {source}")]
+    Tls { address: String, source: io::Error },
     #[error("{address} did not answer within {timeout:?}")]
     Timeout { address: String, timeout: Duration },
     #[error("cannot encode or decode a request to {address}: {message}")]
@@ -41,10 +45,15 @@ pub(crate) enum WireError {
     },
 }
 
+/// The byte stream under a connection: plain TCP, or TLS over it.
+trait Transport: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Transport for T {}
+
 /// A connection that sends one request at a time and reads its response.
 pub(crate) struct Connection {
     address: String,
-    stream: TcpStream,
+    stream: Box<dyn Transport>,
     client_id: StrBytes,
     correlation_id: i32,
     versions: HashMap<i16, RangeInclusive<i16>>,
@@ -54,12 +63,13 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Connects to `address`, learns which API versions it supports, and authenticates when
-    /// `sasl` is set.
+    /// Connects to `address` (over TLS when `tls` is set), learns which API versions it
+    /// supports, and authenticates when `sasl` is set.
     pub(crate) async fn open(
         address: &str,
         client_id: &str,
         sasl: Option<&KafkaSasl>,
+        tls: Option<&ClientTls>,
         timeout: Duration,
     ) -> Result<Connection, WireError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
@@ -77,6 +87,13 @@ impl Connection {
             address: address.to_owned(),
             source,
         })?;
+        let stream: Box<dyn Transport> = match tls {
+            None => Box::new(stream),
+            #[cfg(feature = "tls")]
+            Some(config) => Box::new(handshake(address, stream, config, timeout).await?),
+            #[cfg(not(feature = "tls"))]
+            Some(never) => match *never {},
+        };
 
         let mut connection = Connection {
             address: address.to_owned(),
@@ -272,6 +289,36 @@ impl Connection {
             message: error.to_string(),
         }
     }
+}
+
+/// Runs the TLS handshake on `stream`, checking the broker's certificate against the host
+/// of `address` (or the configured `server_name`, which the verifier substitutes).
+#[cfg(feature = "tls")]
+async fn handshake(
+    address: &str,
+    stream: TcpStream,
+    config: &ClientTls,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, WireError> {
+    let failed = |source| WireError::Tls {
+        address: address.to_owned(),
+        source,
+    };
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(host, _port)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|error| failed(io::Error::new(io::ErrorKind::InvalidInput, error)))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(config));
+    tokio::time::timeout(timeout, connector.connect(name, stream))
+        .await
+        .map_err(|_| WireError::Timeout {
+            address: address.to_owned(),
+            timeout,
+        })?
+        .map_err(failed)
 }
 
 fn frame_length(length: usize) -> i32 {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -80,8 +80,12 @@ pub(crate) fn client_config(
             let chain =
                 read_certificates(cert_file).map_err(|message| fail("cert_file", message))?;
             let key = PrivateKeyDer::from_pem_file(key_file).map_err(|error| {
-                // The error says what was wrong with the file, never what is in it.
-                fail("key_file", format!("`{}`: {error}", key_file.display()))
+                // The message says what is wrong with the file, never what is in it.
+                let problem = match error {
+                    pem::Error::NoItemsFound => "holds no PEM private key".to_owned(),
+                    other => other.to_string(),
+                };
+                fail("key_file", format!("`{}`: {problem}", key_file.display()))
             })?;
             builder
                 .with_client_auth_cert(chain, key)
