@@ -180,6 +180,28 @@ fn an_empty_broker_list_is_named() {
 }
 
 #[test]
+fn a_client_certificate_without_its_key_is_named() {
+    let error = invalid("tls_certificate_without_key.toml");
+    assert_names(
+        &error,
+        ConfigErrorKind::InvalidValue,
+        "user_events",
+        "kafka.tls.key_file",
+    );
+}
+
+#[test]
+fn a_tls_table_beside_a_plain_amqp_url_is_named() {
+    let error = invalid("tls_table_with_plain_url.toml");
+    assert_names(
+        &error,
+        ConfigErrorKind::InvalidValue,
+        "notifications",
+        "rabbitmq.url",
+    );
+}
+
+#[test]
 fn a_broker_address_without_port_is_named() {
     let error = invalid("bad_broker_address.toml");
     assert_names(
@@ -259,6 +281,28 @@ fn environment_variables_override_values() {
     };
     assert_eq!(nats.mode, NatsMode::Jetstream);
     assert_eq!(nats.url.as_ref().unwrap().host_port(), "10.1.2.3:4223");
+}
+
+#[test]
+fn environment_variables_turn_tls_on_and_off() {
+    let config = with_env(&[
+        ("BROKER_USER_EVENTS_KAFKA_TLS_CA_FILE", "/etc/kafka/ca.pem"),
+        ("BROKER_USER_EVENTS_KAFKA_TLS_SERVER_NAME", "kafka.internal"),
+        ("BROKER_SYSTEM_LOGS_NATS_TLS_ENABLED", "false"),
+    ])
+    .unwrap();
+
+    let DriverConfig::Kafka(kafka) = &config.brokers["user_events"] else {
+        panic!("{config:?}")
+    };
+    let tls = kafka.tls().expect("a tls key turns TLS on");
+    assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/etc/kafka/ca.pem")));
+    assert_eq!(tls.server_name.as_deref(), Some("kafka.internal"));
+
+    let DriverConfig::Nats(nats) = &config.brokers["system_logs"] else {
+        panic!("{config:?}")
+    };
+    assert!(nats.tls().is_none(), "enabled = false turns it off");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! Both sides promise the same: a core publish is flushed before it returns, a JetStream
 //! publish waits for the stream's ack, and a JetStream consumer acks every message.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,10 +15,11 @@ use broker::config::{
     SecretUrl,
 };
 use broker::nats::NatsProvider;
-use broker::{Context, Provider};
+use broker::{Context, Provider, SubscribeOptions};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
+use tokio::sync::Notify;
 
 use crate::report::Report;
 use crate::{
@@ -26,6 +28,10 @@ use crate::{
 };
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// How long a core consumer may take for one burst before the run fails: core NATS drops
+/// messages a consumer cannot take, and a lost one would otherwise be waited for forever.
+const CORE_CONSUME_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult<()> {
     let url = std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
@@ -46,8 +52,8 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
         })
         .await?;
 
-    let core = connect(&url, NatsMode::Core, None).await?;
-    let streamed = connect(&url, NatsMode::Jetstream, Some(&stream_name)).await?;
+    let core = connect(&url, NatsMode::Core, None, messages).await?;
+    let streamed = connect(&url, NatsMode::Jetstream, Some(&stream_name), messages).await?;
     let concurrency = settings.concurrency;
 
     compare_throughput(
@@ -57,6 +63,16 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
         messages,
         || publish_core_broker(&core, messages, concurrency),
         || publish_core_native(&client, messages, concurrency),
+    )
+    .await?;
+
+    compare_throughput(
+        report,
+        "nats",
+        "core consume",
+        messages,
+        || consume_core_broker(&core, &client, messages),
+        || consume_core_native(&client, messages),
     )
     .await?;
 
@@ -100,11 +116,13 @@ async fn connect(
     url: &str,
     mode: NatsMode,
     stream: Option<&str>,
+    messages: usize,
 ) -> BenchResult<Arc<NatsProvider>> {
     let config = NatsConfig {
         url: Some(SecretUrl::parse(url)?),
         mode,
-        pending_limit: 65_536,
+        // Core consumers must hold a whole burst: core NATS drops what a slow one cannot take.
+        pending_limit: 65_536.max(messages),
         stream: stream.map(|name| {
             Box::new(NatsStreamConfig {
                 name: name.to_owned(),
@@ -221,6 +239,94 @@ async fn publish_native(
         .try_collect::<()>()
         .await?;
     Ok(start.elapsed())
+}
+
+/// Publishes `messages` messages to `subject` as fast as the client takes them, flushing once
+/// at the end: the same input for both core consumers.
+async fn burst(client: &async_nats::Client, subject: &str, messages: usize) -> BenchResult<()> {
+    for _ in 0..messages {
+        client
+            .publish_with_headers(subject.to_owned(), headers(), Bytes::from_static(&BODY))
+            .await?;
+    }
+    client.flush().await?;
+    Ok(())
+}
+
+/// How long a core subscription of `broker` takes to handle a burst of `messages` messages,
+/// timed from the first publish to the last message handled.
+async fn consume_core_broker(
+    provider: &NatsProvider,
+    publisher: &async_nats::Client,
+    messages: usize,
+) -> BenchResult<Duration> {
+    let subject = subject("bench-core", "consume");
+    let handled = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let (count, all) = (Arc::clone(&handled), Arc::clone(&done));
+    let handler = move |_: Context, _: broker::Message| {
+        if count.fetch_add(1, Ordering::Relaxed) + 1 == messages {
+            all.notify_one();
+        }
+        async { Ok::<(), broker::Error>(()) }
+    };
+    let subscription = provider
+        .subscribe(
+            &Context::new(),
+            &subject,
+            SubscribeOptions::default(),
+            Arc::new(handler),
+        )
+        .await?;
+
+    let start = Instant::now();
+    burst(publisher, &subject, messages).await?;
+    let finished = tokio::time::timeout(CORE_CONSUME_TIMEOUT, done.notified()).await;
+    let elapsed = start.elapsed();
+    subscription.stop().await;
+    finished.map_err(|_| {
+        format!(
+            "the broker's core subscription handled {} of {messages} messages",
+            handled.load(Ordering::Relaxed)
+        )
+    })?;
+    Ok(elapsed)
+}
+
+/// The same burst, read by an async-nats subscriber of the same client kind.
+async fn consume_core_native(
+    publisher: &async_nats::Client,
+    messages: usize,
+) -> BenchResult<Duration> {
+    let url = std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    // A client of its own, as the broker's subscription has, with room for the whole burst.
+    let client = async_nats::ConnectOptions::new()
+        .subscription_capacity(65_536.max(messages))
+        .connect(url.as_str())
+        .await?;
+    let subject = subject("bench-core", "consume");
+    let mut subscriber = client.subscribe(subject.clone()).await?;
+    client.flush().await?;
+
+    let start = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut count = 0;
+        while count < messages {
+            let Some(message) = subscriber.next().await else {
+                break;
+            };
+            std::hint::black_box(&message.payload);
+            count += 1;
+        }
+        count
+    });
+    burst(publisher, &subject, messages).await?;
+    let count = tokio::time::timeout(CORE_CONSUME_TIMEOUT, reader)
+        .await
+        .map_err(|_| "the native core subscriber did not get every message")??;
+    let elapsed = start.elapsed();
+    assert_eq!(count, messages, "native core subscriber read every message");
+    Ok(elapsed)
 }
 
 /// A subject of the stream holding `messages` messages, published natively and acknowledged.
