@@ -260,6 +260,23 @@ impl NatsConfig {
     }
 }
 
+impl NatsConfig {
+    /// The key of a `ws://` URL, and what is wrong with it, while the `tls` table turns TLS
+    /// on: the client never upgrades a plain WebSocket connection, so that server would be
+    /// reached without TLS.
+    pub(crate) fn plain_websocket_with_tls(&self) -> Option<(&'static str, String)> {
+        self.tls()?;
+        let plain = |url: &&SecretUrl| url.scheme() == "ws";
+        let (key, url) = match self.url.iter().find(plain) {
+            Some(url) => ("url", url),
+            None => ("urls", self.urls.iter().find(plain)?),
+        };
+        let message =
+            format!("`{url}` is WebSocket without TLS, but the tls table turns TLS on; use wss://");
+        Some((key, message))
+    }
+}
+
 fn is_websocket(url: &SecretUrl) -> bool {
     matches!(url.scheme(), "ws" | "wss")
 }
@@ -358,21 +375,8 @@ impl NatsConfig {
                 "mixes WebSocket URLs (ws://, wss://) with nats:// or tls:// ones; give one kind",
             ));
         }
-        // Over WebSocket the client never upgrades to TLS: the table would be ignored.
-        if self.tls().is_some() {
-            let plain = |url: &&SecretUrl| url.scheme() == "ws";
-            let found = match self.url.iter().find(plain) {
-                Some(url) => Some(("url", url)),
-                None => self.urls.iter().find(plain).map(|url| ("urls", url)),
-            };
-            if let Some((key, url)) = found {
-                return Err(invalid(
-                    key,
-                    &format!(
-                        "`{url}` is WebSocket without TLS, but the tls table turns TLS on; use wss://"
-                    ),
-                ));
-            }
+        if let Some((key, message)) = self.plain_websocket_with_tls() {
+            return Err(invalid(key, &message));
         }
         Ok(())
     }
