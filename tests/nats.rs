@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use broker::config::{Secret, SecretUrl};
+use broker::config::{NatsConfig, Secret, SecretUrl};
 use broker::nats::NatsProvider;
 use broker::propagation::{
     DEAD_LETTER_ATTEMPTS_HEADER, DEAD_LETTER_ERROR_HEADER, DEAD_LETTER_TOPIC_HEADER,
@@ -738,57 +738,6 @@ async fn a_token_authenticates_and_stays_out_of_debug_output() {
 }
 
 #[tokio::test]
-async fn tls_and_websocket_urls_are_refused_as_unsupported() {
-    within(async {
-        let setup = Setup::core().at("tls://127.0.0.1:4443");
-        let ctx = Context::new().with_timeout(Duration::from_secs(5));
-
-        let error = NatsProvider::connect(&ctx, "secure", setup.config())
-            .await
-            .unwrap_err();
-
-        assert!(matches!(error, Error::Unsupported { .. }), "{error}");
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_server_that_demands_tls_gives_an_error_not_a_panic() {
-    within(async {
-        let dir = std::env::temp_dir().join(unique("nats-tls"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let made = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args(["-subj", "/CN=localhost", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output();
-        assert!(
-            made.is_ok_and(|output| output.status.success()),
-            "the openssl command cannot make a test certificate here"
-        );
-        let port = nats_support::free_port();
-        let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
-        let _server =
-            NatsServer::start_with(port, &["--tls", "--tlscert", &cert, "--tlskey", &key]);
-        let setup = Setup::core().at(&format!("nats://127.0.0.1:{port}"));
-        let ctx = Context::new().with_timeout(Duration::from_secs(10));
-
-        let error = NatsProvider::connect(&ctx, "tls-only", setup.config())
-            .await
-            .unwrap_err();
-
-        assert!(matches!(error, Error::Broker { .. }), "{error}");
-        let _ = std::fs::remove_dir_all(&dir);
-    })
-    .await;
-}
-
-#[tokio::test]
 async fn a_deleted_durable_consumer_is_opened_again() {
     within(async {
         let setup = Setup::jetstream();
@@ -1124,6 +1073,262 @@ async fn a_durable_name_shared_by_two_topics_is_refused() {
 
         assert!(error.to_string().contains("{topic}"), "{error}");
         provider.close().await.unwrap();
+    })
+    .await;
+}
+
+/// Publishes one message through a connection made with `config` and waits for it to come
+/// back on a subscription of the same connection.
+async fn round_trip(name: &str, config: NatsConfig) {
+    let ctx = Context::new().with_timeout(Duration::from_secs(15));
+    let provider = NatsProvider::connect(&ctx, name, config).await.unwrap();
+    let topic = unique("transport");
+    let (handler, mut received) = collector();
+    let _subscription = provider.subscribe_fn(&ctx, &topic, handler).await.unwrap();
+
+    provider
+        .publish(&ctx, &topic, Message::new("over the wire"))
+        .await
+        .unwrap();
+
+    let got = collect(&mut received, 1).await.remove(0);
+    assert_eq!(got.body.as_ref(), b"over the wire");
+    provider.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn publish_and_subscribe_over_websocket() {
+    within(async {
+        let websocket_port = nats_support::free_port();
+        let _server = NatsServer::start_with_config(
+            nats_support::free_port(),
+            &format!("websocket {{ port: {websocket_port}, no_tls: true }}"),
+        );
+        let config = Setup::core()
+            .at(&format!("ws://127.0.0.1:{websocket_port}"))
+            .config();
+
+        round_trip("websocket", config).await;
+    })
+    .await;
+}
+
+/// TLS against servers of their own with the certificates of `testdata/tls`.
+#[cfg(feature = "tls")]
+mod tls {
+    use std::time::Instant;
+
+    use broker::config::TlsConfig;
+    use nats_support::tls_file;
+
+    use super::*;
+
+    /// Core NATS at `url`, trusting the test authority.
+    fn trusting(url: &str) -> NatsConfig {
+        let mut config = Setup::core().at(url).config();
+        config.tls = Some(TlsConfig {
+            ca_file: Some(tls_file("ca.pem")),
+            ..TlsConfig::default()
+        });
+        config
+    }
+
+    /// The settings' TLS table.
+    fn tls_of(config: &mut NatsConfig) -> &mut TlsConfig {
+        config.tls.get_or_insert_with(TlsConfig::default)
+    }
+
+    /// The error connecting the connection `name` with `config` gives. A TLS failure is
+    /// final, so it comes at once rather than at the deadline.
+    async fn connect_error(name: &str, config: NatsConfig) -> Error {
+        let ctx = Context::new().with_timeout(Duration::from_secs(15));
+        let started = Instant::now();
+
+        let error = NatsProvider::connect(&ctx, name, config)
+            .await
+            .expect_err("the connection fails");
+
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a TLS failure is not retried: {error}"
+        );
+        assert!(matches!(error, Error::Broker { .. }), "{error}");
+        assert_eq!(error.origin().unwrap().connection, name, "{error}");
+        assert!(error.to_string().contains(name), "{error}");
+        error
+    }
+
+    #[tokio::test]
+    async fn publish_and_subscribe_over_tls_trusting_the_test_authority() {
+        within(async {
+            let port = nats_support::free_port();
+            let _server = NatsServer::start_tls(port, false);
+
+            round_trip("secure", trusting(&format!("nats://127.0.0.1:{port}"))).await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_required_client_certificate_is_shown_and_a_missing_one_fails() {
+        within(async {
+            let port = nats_support::free_port();
+            let _server = NatsServer::start_tls(port, true);
+            let without = trusting(&format!("nats://127.0.0.1:{port}"));
+            let mut with = without.clone();
+            tls_of(&mut with).cert_file = Some(tls_file("client.pem"));
+            tls_of(&mut with).key_file = Some(tls_file("client.key"));
+
+            round_trip("mutual", with).await;
+            let error = connect_error("anonymous", without).await;
+
+            assert!(error.to_string().contains("Certificate"), "{error}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_authority_that_does_not_trust_the_server_fails_naming_the_connection() {
+        within(async {
+            let port = nats_support::free_port();
+            let _server = NatsServer::start_tls(port, false);
+            let mut config = trusting(&format!("nats://127.0.0.1:{port}"));
+            tls_of(&mut config).ca_file = Some(tls_file("untrusted-ca.pem"));
+
+            let error = connect_error("suspicious", config).await;
+
+            assert!(error.to_string().contains("certificate"), "{error}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn server_name_is_the_name_the_certificate_is_checked_against() {
+        within(async {
+            let port = nats_support::free_port();
+            let _server = NatsServer::start_tls(port, false);
+            let mut right = trusting(&format!("nats://127.0.0.1:{port}"));
+            tls_of(&mut right).server_name = Some("localhost".to_owned());
+            let mut wrong = right.clone();
+            tls_of(&mut wrong).server_name = Some("wrong.example".to_owned());
+
+            round_trip("by-name", right).await;
+            let error = connect_error("misnamed", wrong).await;
+
+            assert!(error.to_string().contains("certificate"), "{error}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_tls_url_turns_tls_on_with_the_system_roots_when_no_table_says_otherwise() {
+        within(async {
+            let port = nats_support::free_port();
+            let _server = NatsServer::start_tls(port, false);
+            let url = format!("tls://127.0.0.1:{port}");
+            let system_roots = Setup::core().at(&url).config();
+
+            round_trip("tls-url", trusting(&url)).await;
+            // The system does not trust the test authority: the certificate was checked.
+            let error = connect_error("tls-url-system", system_roots).await;
+
+            assert!(error.to_string().contains("certificate"), "{error}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn publish_and_subscribe_over_websocket_with_tls() {
+        within(async {
+            let websocket_port = nats_support::free_port();
+            let (cert, key) = (tls_file("server.pem"), tls_file("server.key"));
+            let _server = NatsServer::start_with_config(
+                nats_support::free_port(),
+                &format!(
+                    "websocket {{ port: {websocket_port}, tls {{ cert_file: {cert:?}, \
+                     key_file: {key:?} }} }}"
+                ),
+            );
+
+            round_trip(
+                "secure-websocket",
+                trusting(&format!("wss://127.0.0.1:{websocket_port}")),
+            )
+            .await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_ca_file_is_a_configuration_error_naming_the_key() {
+        within(async {
+            let mut config = trusting("nats://127.0.0.1:4222");
+            tls_of(&mut config).ca_file = Some(tls_file("no-such-ca.pem"));
+            let ctx = Context::new().with_timeout(Duration::from_secs(5));
+
+            let error = NatsProvider::connect(&ctx, "misfiled", config)
+                .await
+                .unwrap_err();
+
+            let Error::Config(error) = error else {
+                panic!("not a configuration error: {error}");
+            };
+            assert_eq!(error.key_path(), Some("nats.tls.ca_file"), "{error}");
+            assert_eq!(error.connection_name(), Some("misfiled"), "{error}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_plain_websocket_url_with_tls_turned_on_is_refused() {
+        within(async {
+            let config = trusting("ws://127.0.0.1:8080");
+            let ctx = Context::new().with_timeout(Duration::from_secs(5));
+
+            let error = NatsProvider::connect(&ctx, "half-secure", config)
+                .await
+                .unwrap_err();
+
+            let Error::Config(error) = error else {
+                panic!("not a configuration error: {error}");
+            };
+            assert_eq!(error.key_path(), Some("nats.url"), "{error}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_server_that_demands_tls_gives_an_error_not_a_panic() {
+        within(async {
+            let port = nats_support::free_port();
+            let _server = NatsServer::start_tls(port, false);
+            let setup = Setup::core().at(&format!("nats://127.0.0.1:{port}"));
+
+            let error = connect_error("tls-only", setup.config()).await;
+
+            assert!(error.to_string().contains("requires TLS"), "{error}");
+        })
+        .await;
+    }
+}
+
+/// Without the `tls` feature, asking for TLS is refused before anything is sent.
+#[cfg(not(feature = "tls"))]
+#[tokio::test]
+async fn tls_is_refused_in_a_build_without_the_tls_feature() {
+    within(async {
+        let by_url = Setup::core().at("tls://127.0.0.1:4222").config();
+        let mut by_table = Setup::core().config();
+        by_table.tls = Some(broker::config::TlsConfig::default());
+        let ctx = Context::new().with_timeout(Duration::from_secs(5));
+
+        for config in [by_url, by_table] {
+            let error = NatsProvider::connect(&ctx, "secure", config)
+                .await
+                .unwrap_err();
+
+            assert!(matches!(error, Error::Unsupported { .. }), "{error}");
+        }
     })
     .await;
 }

@@ -69,29 +69,56 @@
 //!
 //! The settings are [`NatsConfig`], the `[brokers.<name>.nats]` table: servers, client name,
 //! one way to authenticate (user and password, token, NKey seed or credentials file; without
-//! them, a `user:password@` or `token@` in a URL is used), mode,
-//! retry policy, dead-letter subject, and for JetStream the `stream` and `consumer` tables.
+//! them, a `user:password@` or `token@` in a URL is used), TLS, mode, retry policy,
+//! dead-letter subject, and for JetStream the `stream` and `consumer` tables.
 //!
 //! The first connect retries with backoff until the connect context's deadline, so a server
-//! that is still starting is waited for; a refused authentication fails at once. After that
+//! that is still starting is waited for; a refused authentication or TLS handshake fails at
+//! once. After that
 //! the client reconnects by itself with capped exponential backoff, resubscribes, and logs
 //! every connection event. Publishing while disconnected waits up to the context's deadline,
 //! then fails with [`Error::DeadlineExceeded`]; a core message queued by then may still be
 //! sent once the connection is back. Every error names the connection, the operation and the
 //! subject.
 //!
+//! # TLS and WebSocket
+//!
+//! TLS is on when the `tls` table is present and enabled (`[brokers.<name>.nats.tls]`, the keys
+//! every driver shares), or when a URL is `tls://` or `wss://`; then every server of the
+//! connection must speak TLS. The client checks the server's certificate against the table's
+//! `ca_file` (the system's trusted roots without one, also when only the URL asks for TLS),
+//! against `server_name` instead of the host when it is set, and shows `cert_file` and
+//! `key_file` to servers that verify clients. The rustls configuration is the crate's own (see
+//! the `tls` feature), so no process-wide crypto provider is needed. async-nats still reads
+//! the system's trusted roots on each TLS connect, even with a `ca_file`, and fails when the
+//! system store reports errors (for example `SSL_CERT_FILE` naming a missing file). On a
+//! `nats://` or `tls://` URL the connection starts in plain text and upgrades to TLS after
+//! the server's first message, as NATS servers expect; starting with TLS (a server's
+//! `handshake_first`) is not offered.
+//!
+//! `ws://` and `wss://` URLs reach the server's WebSocket listener instead, plain or with TLS;
+//! the NATS protocol over it is the same. A connection uses WebSocket for every server or for
+//! none, and a `ws://` URL with the `tls` table on is refused rather than used without TLS.
+//!
+//! Failures of TLS are final, like a refused login: a certificate the client does not trust,
+//! a name that does not match, a client certificate the server refuses. So is a server that
+//! demands TLS from a connection that does not turn it on. A build without the `tls` feature
+//! refuses a connection that asks for TLS before it sends anything.
+//!
 //! # Errors
 //!
 //! Each error's [`Origin`] names the connection, the operation and the subject (the server
 //! addresses for connect, ping and close):
 //!
-//! - [`Error::Broker`] when the server or the client failed: refused authentication, no stream
-//!   captures a subject, a publish the stream rejected, a consumer that cannot be created. The
-//!   async-nats error is its [`source`](std::error::Error::source).
+//! - [`Error::Broker`] when the server or the client failed: refused authentication, a failed
+//!   TLS handshake, no stream captures a subject, a publish the stream rejected, a consumer
+//!   that cannot be created. The async-nats error is its [`source`](std::error::Error::source).
 //! - [`Error::Cancelled`] and [`Error::DeadlineExceeded`] when the context stopped the
 //!   operation, for example a publish during an outage.
-//! - [`Error::Unsupported`] for a message whose headers NATS cannot carry, and for TLS and
-//!   WebSocket URLs.
+//! - [`Error::Config`] when a file the `tls` table names cannot be read or used, naming the key
+//!   (for example `nats.tls.ca_file`).
+//! - [`Error::Unsupported`] for a message whose headers NATS cannot carry, and for TLS in a
+//!   build without the `tls` feature.
 //! - [`Error::Closed`] for any operation after [`Provider::close`].
 //!
 //! # Dead letters
@@ -106,9 +133,6 @@
 //! Handler failures are not errors of an operation: they are logged (with the trace id) and
 //! dead-lettered as described above.
 //!
-//! Only `nats://` URLs are supported so far: TLS and WebSocket connections are refused with
-//! [`Error::Unsupported`].
-//!
 //! [`NatsProvider::client`] and [`NatsProvider::jetstream`] give the native client for what
 //! this interface does not cover.
 
@@ -122,11 +146,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
+use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
 use async_trait::async_trait;
 use futures_util::FutureExt;
 use url::Url;
 
+#[cfg(feature = "tls")]
+use crate::config::ConfigError;
 use crate::config::{NatsConfig, NatsMode, SecretUrl};
 use crate::context::Context;
 use crate::error::{Error, Operation, Origin, Result};
@@ -232,18 +258,6 @@ impl NatsProvider {
             .join(",");
         let origin = || Origin::new(DRIVER, name, Operation::Connect, address.as_str());
 
-        // TODO: TLS (`tls://`, `wss://`) and WebSocket (`ws://`) need async-nats's TLS and
-        // websocket features with a pure-Rust crypto provider for rustls; until the crate has
-        // its `tls` feature they are refused here rather than failing inside the client.
-        if let Some(url) = config.all_urls().find(|url| url.scheme() != "nats") {
-            return Err(Error::Unsupported {
-                origin: origin(),
-                reason: format!(
-                    "`{url}`: only nats:// URLs are supported by this build; TLS and WebSocket \
-                     connections are not yet"
-                ),
-            });
-        }
         // Credentials in URLs go through the connect options (see `connect_options`): the
         // client would only log them.
         let servers = config
@@ -254,8 +268,12 @@ impl NatsProvider {
         let options = connect_options(name, &config)
             .await
             .map_err(|error| Error::broker(origin(), error))?;
+        let options = with_tls(options, name, &config, origin)?;
         let client = ctx
-            .run(origin, first_connect(name, options, servers, origin))
+            .run(
+                origin,
+                first_connect(name, options, servers, config.uses_tls(), origin),
+            )
             .await?;
 
         let jetstream = match config.mode {
@@ -279,6 +297,8 @@ impl NatsProvider {
             driver = %DRIVER,
             address = %address,
             mode = ?config.mode,
+            tls = config.uses_tls(),
+            websocket = config.uses_websocket(),
             "connected to NATS"
         );
         Ok(NatsProvider {
@@ -381,6 +401,60 @@ async fn connect_options(name: &str, config: &NatsConfig) -> Result<ConnectOptio
         }))
 }
 
+/// `options` with the TLS the connection asks for: the rustls configuration built from the
+/// `tls` table (the system's roots when a `tls://` or `wss://` URL asks for TLS without one).
+#[cfg(feature = "tls")]
+fn with_tls(
+    options: ConnectOptions,
+    name: &str,
+    config: &NatsConfig,
+    origin: impl Fn() -> Origin,
+) -> Result<ConnectOptions> {
+    if !config.uses_tls() {
+        return Ok(options);
+    }
+    // Parsed configurations refuse this already; one built in code may not have been.
+    if let Some((key, message)) = config.plain_websocket_with_tls() {
+        return Err(ConfigError::invalid_value(name, &format!("nats.{key}"), message).into());
+    }
+    let default = crate::config::TlsConfig::default();
+    let settings = config.tls().unwrap_or(&default);
+    let client_config = crate::tls::client_config(settings, name, "nats.tls")?;
+
+    tracing::debug!(
+        connection = %name,
+        driver = %DRIVER,
+        address = %origin().target,
+        client_certificate = settings.cert_file.is_some(),
+        "TLS on"
+    );
+    let mut options = options.tls_client_config(Arc::unwrap_or_clone(client_config));
+    // Over WebSocket, TLS comes from the wss:// URL; `require_tls` is about upgrading a NATS
+    // connection.
+    if !config.uses_websocket() {
+        options = options.require_tls(true);
+    }
+    // TODO: offer async-nats's `tls_first` (TLS before the server's INFO, for servers whose
+    // tls block sets `handshake_first`, nats-server 2.10.4 and later) once the tests have
+    // such a server to run against; untested, it could break unnoticed.
+    Ok(options)
+}
+
+/// `options` unchanged, or the refusal of a connection that asks for TLS in a build without
+/// the `tls` feature.
+#[cfg(not(feature = "tls"))]
+fn with_tls(
+    options: ConnectOptions,
+    _name: &str,
+    config: &NatsConfig,
+    origin: impl Fn() -> Origin,
+) -> Result<ConnectOptions> {
+    if config.uses_tls() {
+        return Err(crate::tls::not_built(origin()));
+    }
+    Ok(options)
+}
+
 /// `url` without its user and password.
 fn without_credentials(url: &Url) -> Url {
     let mut bare = url.clone();
@@ -414,33 +488,37 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&decoded).into_owned()
 }
 
-/// Connects, trying again with backoff until it works, authentication is refused, or the
-/// caller's context stops it.
+/// Connects, trying again with backoff until it works, the server refuses the login or the
+/// TLS handshake, or the caller's context stops it. `tls` says whether the connection asked
+/// for TLS.
 async fn first_connect(
     name: &str,
     options: ConnectOptions,
     servers: Vec<ServerAddr>,
+    tls: bool,
     origin: impl Fn() -> Origin,
 ) -> Result<Client> {
     let mut attempt: u32 = 1;
     loop {
-        // A server that demands TLS makes the client build a TLS configuration, which panics
-        // without a crypto provider in this build: report that instead of unwinding.
+        // A server that demands TLS from a connection that gave no TLS configuration makes the
+        // client build one with the process's default crypto provider, and it panics when
+        // there is none: report that instead of unwinding.
         let connecting = AssertUnwindSafe(options.clone().connect(servers.as_slice()));
         let error = match connecting.catch_unwind().await {
             Ok(Ok(client)) => return Ok(client),
             Ok(Err(error)) => error,
-            Err(_) => {
-                return Err(Error::broker(
-                    origin(),
-                    "the server requires TLS, which this build does not support yet",
-                ));
-            }
+            Err(_) => return Err(Error::broker(origin(), TlsDemanded(None))),
         };
-        if matches!(
-            error.kind(),
-            ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation
-        ) {
+        if is_tls_failure(&error) && !tls {
+            return Err(Error::broker(origin(), TlsDemanded(Some(error))));
+        }
+        // Waiting does not change a refused login or a certificate that does not fit.
+        if is_tls_failure(&error)
+            || matches!(
+                error.kind(),
+                ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation
+            )
+        {
             return Err(Error::broker(origin(), error));
         }
 
@@ -458,6 +536,28 @@ async fn first_connect(
         tokio::time::sleep(delay).await;
         attempt = attempt.saturating_add(1);
     }
+}
+
+/// The failure of a server that demands TLS from a connection that did not ask for it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the server requires TLS, which this connection does not turn on: give it a `nats.tls` \
+     table or tls:// URLs (with the crate's `tls` feature)"
+)]
+struct TlsDemanded(#[source] Option<ConnectError>);
+
+/// Whether connecting failed in TLS: setting it up, or a handshake rustls refused (a
+/// certificate that does not fit, an alert from the server).
+fn is_tls_failure(error: &ConnectError) -> bool {
+    error.kind() == ConnectErrorKind::Tls || is_handshake_failure(error)
+}
+
+fn is_handshake_failure(error: &ConnectError) -> bool {
+    // The client passes the TLS stream's I/O error on, with rustls's error inside.
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::get_ref)
+        .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
 }
 
 /// The wait before reconnect attempt `attempt` (1 for the first): none, then 100 ms doubling

@@ -1,5 +1,6 @@
 //! Helpers of the NATS tests (`tests/nats.rs`): configurations with unique names, a collecting handler, bounded
-//! waits, and a nats-server of a test's own that is killed when the test ends.
+//! waits, and a nats-server of a test's own (plain, TLS or WebSocket) that is killed when the
+//! test ends.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -255,11 +256,20 @@ pub async fn wait_until_disconnected(provider: &NatsProvider) {
     }
 }
 
+/// A file of the test certificates in `testdata/tls` (see `testdata/tls/generate`).
+pub fn tls_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/tls")
+        .join(name)
+}
+
 /// A nats-server with JetStream on a port of its own, killed when dropped.
 pub struct NatsServer {
     port: u16,
     store: PathBuf,
     extra: Vec<String>,
+    /// A configuration file written for this server, removed with it.
+    config_file: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -271,11 +281,51 @@ impl NatsServer {
 
     /// Starts a server on `port` with more command-line options, for example authentication.
     pub fn start_with(port: u16, extra: &[&str]) -> NatsServer {
+        NatsServer::launch(port, extra, None)
+    }
+
+    /// Starts a server on `port` that speaks only TLS, with the test certificate for
+    /// localhost and 127.0.0.1. With `verify_clients` it also demands a client certificate
+    /// signed by the test authority.
+    pub fn start_tls(port: u16, verify_clients: bool) -> NatsServer {
+        let (cert, key, ca) = (
+            tls_file("server.pem"),
+            tls_file("server.key"),
+            tls_file("ca.pem"),
+        );
+        let mut options = vec![
+            "--tls",
+            "--tlscert",
+            cert.to_str().expect("a UTF-8 path"),
+            "--tlskey",
+            key.to_str().expect("a UTF-8 path"),
+        ];
+        if verify_clients {
+            options.extend([
+                "--tlsverify",
+                "--tlscacert",
+                ca.to_str().expect("a UTF-8 path"),
+            ]);
+        }
+        NatsServer::start_with(port, &options)
+    }
+
+    /// Starts a server on `port` that also reads `config`, a nats-server configuration (for
+    /// example a `websocket` block); the command-line options win over it.
+    pub fn start_with_config(port: u16, config: &str) -> NatsServer {
+        let file = std::env::temp_dir().join(format!("{}.conf", unique("nats-test-config")));
+        std::fs::write(&file, config).expect("the configuration file is written");
+        let path = file.to_str().expect("a UTF-8 path").to_owned();
+        NatsServer::launch(port, &["-c", &path], Some(file))
+    }
+
+    fn launch(port: u16, extra: &[&str], config_file: Option<PathBuf>) -> NatsServer {
         let store = std::env::temp_dir().join(unique("nats-test-store"));
         let mut server = NatsServer {
             port,
             store,
             extra: extra.iter().map(|option| (*option).to_owned()).collect(),
+            config_file,
             child: None,
         };
         server.restart();
@@ -332,6 +382,9 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.store);
+        if let Some(file) = &self.config_file {
+            let _ = std::fs::remove_file(file);
+        }
     }
 }
 

@@ -31,13 +31,17 @@ pub enum NatsMode {
 /// stream = { name = "ORDERS", subjects = ["orders.>"] }
 /// consumer = { ack_wait = "30s", max_ack_pending = 256 }
 /// ```
+///
+/// TLS is on when the `tls` table is present and enabled, or when a URL is `tls://` or
+/// `wss://` (see [`NatsConfig::uses_tls`]); it needs the crate's `tls` feature.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
-    /// The server, `nats://host:port` (or `tls://`).
+    /// The server: `nats://host:port`, `tls://` for TLS, `ws://` or `wss://` for WebSocket
+    /// (plain or with TLS).
     #[serde(default)]
     pub url: Option<SecretUrl>,
-    /// Several servers of a cluster (besides or instead of `url`).
+    /// Several servers of a cluster (besides or instead of `url`), all WebSocket or none.
     #[serde(default)]
     pub urls: Vec<SecretUrl>,
     /// The client name the server shows for this connection; the connection's name when unset.
@@ -80,8 +84,9 @@ pub struct NatsConfig {
     /// JetStream: the consumers that subscriptions create.
     #[serde(default)]
     pub consumer: Box<NatsConsumerConfig>,
-    /// TLS settings. TLS is also on for `tls://` and `wss://` URLs, with the system's roots
-    /// when this table is absent.
+    /// TLS settings: the table turns TLS on for `nats://` URLs too. `tls://` and `wss://` URLs
+    /// use TLS whatever the table says, with the system's trusted roots when it is absent or
+    /// disabled. A `ws://` URL cannot be combined with an enabled table.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
 }
@@ -239,6 +244,41 @@ impl NatsConfig {
     pub fn tls(&self) -> Option<&TlsConfig> {
         tls::active(self.tls.as_ref())
     }
+
+    /// Whether the connection uses TLS: the `tls` table turns it on, or a URL is `tls://` or
+    /// `wss://`.
+    pub fn uses_tls(&self) -> bool {
+        self.tls().is_some()
+            || self
+                .all_urls()
+                .any(|url| matches!(url.scheme(), "tls" | "wss"))
+    }
+
+    /// Whether the servers are reached over WebSocket (`ws://` or `wss://` URLs).
+    pub fn uses_websocket(&self) -> bool {
+        self.all_urls().any(is_websocket)
+    }
+}
+
+impl NatsConfig {
+    /// The key of a `ws://` URL, and what is wrong with it, while the `tls` table turns TLS
+    /// on: the client never upgrades a plain WebSocket connection, so that server would be
+    /// reached without TLS.
+    pub(crate) fn plain_websocket_with_tls(&self) -> Option<(&'static str, String)> {
+        self.tls()?;
+        let plain = |url: &&SecretUrl| url.scheme() == "ws";
+        let (key, url) = match self.url.iter().find(plain) {
+            Some(url) => ("url", url),
+            None => ("urls", self.urls.iter().find(plain)?),
+        };
+        let message =
+            format!("`{url}` is WebSocket without TLS, but the tls table turns TLS on; use wss://");
+        Some((key, message))
+    }
+}
+
+fn is_websocket(url: &SecretUrl) -> bool {
+    matches!(url.scheme(), "ws" | "wss")
 }
 
 impl DriverTable for NatsConfig {
@@ -286,7 +326,7 @@ impl DriverTable for NatsConfig {
         let schemes = ["nats", "tls", "ws", "wss"];
         check_urls(self.url.iter(), "url", &schemes)?;
         check_urls(self.urls.iter(), "urls", &schemes)?;
-        tls::validate(self.tls.as_ref())?;
+        self.validate_transport()?;
         match (&self.user, &self.password) {
             (Some(_), None) => return Err(invalid("password", "`user` is set without it")),
             (None, Some(_)) => return Err(invalid("user", "`password` is set without it")),
@@ -320,6 +360,25 @@ impl DriverTable for NatsConfig {
             stream.validate()?;
         }
         self.consumer.validate(&self.retry)
+    }
+}
+
+impl NatsConfig {
+    /// Checks that the URLs and the `tls` table agree.
+    fn validate_transport(&self) -> Result<(), (String, String)> {
+        tls::validate(self.tls.as_ref())?;
+        // The client speaks either the NATS protocol or WebSocket to every server of a
+        // connection, so a list that mixes them cannot work.
+        if self.uses_websocket() && !self.all_urls().all(is_websocket) {
+            return Err(invalid(
+                "urls",
+                "mixes WebSocket URLs (ws://, wss://) with nats:// or tls:// ones; give one kind",
+            ));
+        }
+        if let Some((key, message)) = self.plain_websocket_with_tls() {
+            return Err(invalid(key, &message));
+        }
+        Ok(())
     }
 }
 
@@ -458,6 +517,46 @@ mod tests {
         .unwrap_err();
 
         assert_eq!(error.key_path(), Some("nats.stream.subjects"));
+    }
+
+    #[test]
+    fn tls_is_on_for_an_enabled_table_and_for_tls_and_wss_urls() {
+        let uses_tls = |table: &str| {
+            let config = parse(table).unwrap();
+            let DriverConfig::Nats(nats) = &config.brokers["events"] else {
+                panic!("not nats: {config:?}");
+            };
+            nats.uses_tls()
+        };
+
+        assert!(!uses_tls(r#"url = "nats://127.0.0.1:4222""#));
+        assert!(uses_tls(r#"url = "tls://127.0.0.1:4222""#));
+        assert!(uses_tls(r#"url = "wss://127.0.0.1:443""#));
+        assert!(uses_tls("url = \"nats://127.0.0.1:4222\"\ntls = {}"));
+        assert!(!uses_tls(
+            "url = \"nats://127.0.0.1:4222\"\ntls = { enabled = false }"
+        ));
+    }
+
+    #[test]
+    fn websocket_and_nats_urls_are_not_mixed() {
+        let error = parse(
+            r#"
+            url = "ws://127.0.0.1:8080"
+            urls = ["nats://127.0.0.1:4222"]
+            "#,
+        )
+        .unwrap_err();
+
+        assert_eq!(error.key_path(), Some("nats.urls"));
+    }
+
+    #[test]
+    fn a_plain_websocket_url_with_a_tls_table_is_refused() {
+        let error = parse("url = \"ws://127.0.0.1:8080\"\ntls = {}").unwrap_err();
+
+        assert_eq!(error.key_path(), Some("nats.url"));
+        assert!(error.message().contains("wss://"), "{error}");
     }
 
     #[test]
