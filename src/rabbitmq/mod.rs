@@ -83,6 +83,7 @@ mod confirms;
 mod connection;
 mod consumer;
 mod error;
+mod tls;
 mod topology;
 
 use std::fmt;
@@ -98,6 +99,7 @@ pub use error::RabbitMqError;
 use self::codec::check_short;
 use self::connection::{Link, address_of, close_channel};
 use self::consumer::Consumer;
+use self::tls::Tls;
 use crate::config::RabbitMqConfig;
 use crate::context::Context;
 use crate::error::{Error, Operation, Origin, Result};
@@ -165,9 +167,10 @@ impl RabbitMqProvider {
         config.check().map_err(|(key, message)| {
             Error::broker(origin(), RabbitMqError::InvalidSetting { key, message })
         })?;
+        let tls = Tls::for_servers(name, &config, origin)?;
         let link = ctx
             .run(origin, async {
-                Link::open(name, &config)
+                Link::open(name, &config, tls)
                     .await
                     .map_err(|error| Error::broker(origin(), error))
             })
