@@ -21,6 +21,7 @@ use super::DRIVER;
 use super::codec::check_short;
 use super::confirms::Publisher;
 use super::error::RabbitMqError;
+use super::tls::{Tls, is_tls};
 use super::topology::{ChannelWatch, declare_exchanges};
 use crate::config::{RabbitMqConfig, SecretUrl};
 
@@ -53,6 +54,8 @@ pub(super) struct Session {
     pub(super) lost: CancellationToken,
     /// `host:port` of the server.
     pub(super) address: String,
+    /// Whether the connection runs over TLS.
+    pub(super) tls: bool,
 }
 
 impl Session {
@@ -68,27 +71,33 @@ impl Session {
 pub(super) struct Link {
     name: String,
     config: RabbitMqConfig,
+    /// How `amqps://` servers are reached, kept for reconnections.
+    tls: Option<Tls>,
     current: watch::Sender<Option<Arc<Session>>>,
     closing: CancellationToken,
 }
 
 impl Link {
-    /// Connects to the first configured server that answers and starts the supervisor.
+    /// Connects to the first configured server that answers and starts the supervisor;
+    /// `amqps://` servers are reached through `tls`.
     pub(super) async fn open(
         name: &str,
         config: &RabbitMqConfig,
+        tls: Option<Tls>,
     ) -> Result<Arc<Link>, RabbitMqError> {
-        let session = open_any(name, config).await?;
+        let session = open_any(name, config, tls.as_ref()).await?;
         tracing::info!(
             connection = %name,
             driver = %DRIVER,
             address = %session.address,
+            tls = session.tls,
             "connected"
         );
 
         let link = Arc::new(Link {
             name: name.to_owned(),
             config: config.clone(),
+            tls,
             current: watch::Sender::new(Some(Arc::new(session))),
             closing: CancellationToken::new(),
         });
@@ -154,9 +163,9 @@ async fn supervise(link: Weak<Link>, closing: CancellationToken) {
             return;
         }
 
-        let Some((name, config)) = link
+        let Some((name, config, tls)) = link
             .upgrade()
-            .map(|link| (link.name.clone(), link.config.clone()))
+            .map(|link| (link.name.clone(), link.config.clone(), link.tls.clone()))
         else {
             return;
         };
@@ -189,7 +198,8 @@ async fn supervise(link: Weak<Link>, closing: CancellationToken) {
                 _ = closing.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
-            let opened = tokio::time::timeout(CONNECT_TIMEOUT, open_any(&name, &config)).await;
+            let opened =
+                tokio::time::timeout(CONNECT_TIMEOUT, open_any(&name, &config, tls.as_ref())).await;
             match opened {
                 Ok(Ok(session)) => break session,
                 Ok(Err(error)) => tracing::warn!(
@@ -220,6 +230,7 @@ async fn supervise(link: Weak<Link>, closing: CancellationToken) {
             connection = %name,
             driver = %DRIVER,
             address = %replacement.address,
+            tls = replacement.tls,
             attempt,
             "reconnected"
         );
@@ -237,10 +248,14 @@ pub(super) fn backoff(config: &RabbitMqConfig, attempt: u32) -> Duration {
 }
 
 /// Tries every configured server in turn; the error is the last server's.
-async fn open_any(name: &str, config: &RabbitMqConfig) -> Result<Session, RabbitMqError> {
+async fn open_any(
+    name: &str,
+    config: &RabbitMqConfig,
+    tls: Option<&Tls>,
+) -> Result<Session, RabbitMqError> {
     let mut last = None;
     for url in config.all_urls() {
-        match open_session(name, config, url).await {
+        match open_session(name, config, url, tls).await {
             Ok(session) => return Ok(session),
             Err(error) => {
                 tracing::debug!(
@@ -263,24 +278,31 @@ async fn open_any(name: &str, config: &RabbitMqConfig) -> Result<Session, Rabbit
 
 /// `host:port` of `url`, with AMQP's default ports filled in.
 pub(super) fn address_of(url: &SecretUrl) -> String {
-    let port = url
-        .expose()
-        .port()
-        .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
-    format!("{}:{port}", url.expose().host_str().unwrap_or_default())
+    format!(
+        "{}:{}",
+        url.expose().host_str().unwrap_or_default(),
+        port_of(url)
+    )
+}
+
+/// The port of `url`: 5671 for `amqps://` and 5672 for `amqp://` unless it names one.
+fn port_of(url: &SecretUrl) -> u16 {
+    let default = if is_tls(url) { 5671 } else { 5672 };
+    url.expose().port().unwrap_or(default)
 }
 
 async fn open_session(
     name: &str,
     config: &RabbitMqConfig,
     url: &SecretUrl,
+    tls: Option<&Tls>,
 ) -> Result<Session, RabbitMqError> {
     let address = address_of(url);
-    let args = arguments(name, config, url)?;
+    let args = arguments(name, config, url, tls)?;
 
     let connection = Connection::open(&args)
         .await
-        .map_err(|error| connect_error(&address, error))?;
+        .map_err(|error| connect_error(&address, is_tls(url), error))?;
     let lost = CancellationToken::new();
     connection
         .register_callback(LossCallback {
@@ -305,6 +327,7 @@ async fn open_session(
             publisher,
             lost,
             address,
+            tls: is_tls(url),
         }),
         Err(error) => {
             lost.cancel();
@@ -314,23 +337,16 @@ async fn open_session(
     }
 }
 
+/// The amqprs arguments of a connection to `url`, over `tls` when it is `amqps://`.
 fn arguments(
     name: &str,
     config: &RabbitMqConfig,
-    url: &SecretUrl,
+    secret_url: &SecretUrl,
+    tls: Option<&Tls>,
 ) -> Result<OpenConnectionArguments, RabbitMqError> {
-    let url = url.expose();
-    if url.scheme() == "amqps" {
-        // TODO: TLS needs amqprs's `tls` feature behind this crate's `tls` feature, with a
-        // rustls crypto provider installed; until then amqps:// cannot be opened.
-        return Err(RabbitMqError::invalid(
-            "a server URL",
-            url.host_str().unwrap_or_default(),
-            "amqps:// needs TLS, which this build does not include yet",
-        ));
-    }
+    let url = secret_url.expose();
     let host = url.host_str().unwrap_or_default();
-    let port = url.port().unwrap_or(5672);
+    let port = port_of(secret_url);
     let user = percent_decode(url.username());
     let user = if user.is_empty() {
         "guest".to_owned()
@@ -352,11 +368,23 @@ fn arguments(
     check_short("a virtual host", &vhost)?;
     check_short("a connection name", connection_name)?;
 
-    Ok(OpenConnectionArguments::new(host, port, &user, &password)
-        .virtual_host(&vhost)
+    let mut args = OpenConnectionArguments::new(host, port, &user, &password);
+    args.virtual_host(&vhost)
         .heartbeat(heartbeat)
-        .connection_name(connection_name)
-        .finish())
+        .connection_name(connection_name);
+    if is_tls(secret_url) {
+        // The provider builds its TLS whenever a server is amqps://, so this is a slip of
+        // this driver's, reported rather than answered with a plain connection.
+        let Some(tls) = tls else {
+            return Err(RabbitMqError::invalid(
+                "a server URL",
+                host,
+                "amqps:// was given no TLS settings",
+            ));
+        };
+        tls.apply(&mut args, url.host());
+    }
+    Ok(args)
 }
 
 fn percent_decode(text: &str) -> String {
@@ -383,6 +411,9 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Words of rustls's messages about a failed handshake.
+const TLS_SIGNS: [&str; 3] = ["certificate", "alert", "handshake"];
+
 /// Names a failed connection attempt.
 ///
 /// RabbitMQ answers bad credentials by closing the socket in the middle of the handshake,
@@ -390,8 +421,20 @@ fn percent_decode(text: &str) -> String {
 /// `authentication_failure_close` capability). So a server that accepted the TCP connection
 /// and then hung up, or refused the handshake, is reported as refusing the login; a server
 /// that could not be reached at all is [`RabbitMqError::Unreachable`].
-fn connect_error(address: &str, error: amqprs::error::Error) -> RabbitMqError {
+///
+/// Over TLS, rustls's refusals (a certificate that is not trusted or not valid for the
+/// server's name) and the server's alerts (a client certificate missing or refused) come as
+/// I/O errors whose text amqprs keeps: those are [`RabbitMqError::Tls`]. A server that
+/// refuses the client's certificate may reset the connection before its alert is read,
+/// which then looks like a refused login.
+fn connect_error(address: &str, tls: bool, error: amqprs::error::Error) -> RabbitMqError {
     let text = error.to_string();
+    if tls && TLS_SIGNS.iter().any(|sign| text.contains(sign)) {
+        return RabbitMqError::Tls {
+            address: address.to_owned(),
+            source: error,
+        };
+    }
     let hung_up = [
         "ACCESS_REFUSED",
         "reset by peer",
@@ -401,11 +444,18 @@ fn connect_error(address: &str, error: amqprs::error::Error) -> RabbitMqError {
     .iter()
     .any(|sign| text.contains(sign));
     if hung_up || matches!(error, amqprs::error::Error::ConnectionOpenError(_)) {
+        // A server that requires a client certificate checks it only after the TLS handshake
+        // (with TLS 1.3), and its alert is often lost in the reset that follows.
+        let certificate = if tls {
+            ", and the client certificate if the server requires one"
+        } else {
+            ""
+        };
         RabbitMqError::AccessRefused {
             address: address.to_owned(),
             detail: format!(
                 "the server ended the login handshake ({text}); check the user, password and \
-                 virtual host"
+                 virtual host{certificate}"
             ),
         }
     } else {
@@ -479,7 +529,7 @@ mod tests {
             heartbeat: Duration::from_secs(15),
             ..RabbitMqConfig::default()
         };
-        arguments("orders", &config, &SecretUrl::parse(url).unwrap()).unwrap()
+        arguments("orders", &config, &SecretUrl::parse(url).unwrap(), None).unwrap()
     }
 
     #[test]
@@ -509,11 +559,50 @@ mod tests {
     }
 
     #[test]
-    fn tls_urls_are_refused_for_now() {
-        let url = SecretUrl::parse("amqps://h:5671/").unwrap();
+    fn tls_urls_default_to_port_5671() {
+        let url = SecretUrl::parse("amqps://h/").unwrap();
 
-        assert!(arguments("orders", &RabbitMqConfig::default(), &url).is_err());
         assert_eq!(address_of(&url), "h:5671");
+        assert_eq!(
+            address_of(&SecretUrl::parse("amqps://h:5000/").unwrap()),
+            "h:5000"
+        );
+    }
+
+    #[test]
+    fn a_tls_url_is_never_opened_without_tls() {
+        let url = SecretUrl::parse("amqps://h/").unwrap();
+
+        assert!(arguments("orders", &RabbitMqConfig::default(), &url, None).is_err());
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn only_tls_urls_open_tls() {
+        let ca_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tls/ca.pem");
+        let config = RabbitMqConfig {
+            url: SecretUrl::parse("amqps://h/").ok(),
+            exchange: "orders".to_owned(),
+            tls: Some(crate::config::TlsConfig {
+                ca_file: Some(ca_file),
+                ..crate::config::TlsConfig::default()
+            }),
+            ..RabbitMqConfig::default()
+        };
+        let origin =
+            || crate::error::Origin::new(DRIVER, "orders", crate::error::Operation::Connect, "");
+        let tls = Tls::for_servers("orders", &config, origin).unwrap();
+        let secure = arguments(
+            "orders",
+            &config,
+            config.url.as_ref().unwrap(),
+            tls.as_ref(),
+        );
+        let plain = SecretUrl::parse("amqp://h/").unwrap();
+        let plain = arguments("orders", &config, &plain, tls.as_ref());
+
+        assert!(secure.unwrap().get_tls_adaptor().is_some());
+        assert!(plain.unwrap().get_tls_adaptor().is_none());
     }
 
     #[test]

@@ -26,6 +26,17 @@ pub enum RabbitMqError {
         source: amqprs::error::Error,
     },
 
+    /// The TLS handshake failed: the server's certificate is not trusted or not valid for its
+    /// name, or the server refused the client's certificate or its absence.
+    #[error("TLS with {address} failed: {source}")]
+    Tls {
+        /// The server's `host:port`.
+        address: String,
+        /// The client's error, with rustls's or the server's reason.
+        #[source]
+        source: amqprs::error::Error,
+    },
+
     /// An exchange or queue exists with other settings than the ones configured (AMQP reply
     /// 406 `PRECONDITION_FAILED`).
     #[error("{kind} `{name}` exists with other settings: {detail}")]

@@ -60,9 +60,41 @@
 //! - **Errors.** Failures are [`Error::Broker`] with a [`RabbitMqError`] source (see
 //!   [`RabbitMqError::of`]), naming the driver, connection, operation and topic: bad
 //!   credentials are [`RabbitMqError::AccessRefused`], a server that cannot be reached
-//!   [`RabbitMqError::Unreachable`]. A context that stops an operation gives
+//!   [`RabbitMqError::Unreachable`], a failed TLS handshake [`RabbitMqError::Tls`]. A context that stops an operation gives
 //!   [`Error::Cancelled`] or [`Error::DeadlineExceeded`], and a closed provider
 //!   [`Error::Closed`].
+//!
+//! # TLS
+//!
+//! TLS is chosen per server, by its URL: `amqps://` servers are reached over TLS (port 5671
+//! unless the URL names one) and `amqp://` servers in plain text. It needs the crate's `tls`
+//! feature; without it, connecting with an `amqps://` server fails with
+//! [`Error::Unsupported`] before any connection is tried.
+//!
+//! ```toml
+//! [brokers.orders.rabbitmq]
+//! url = "amqps://app:secret@rabbit.example.com/%2f"
+//! exchange = "orders"
+//!
+//! [brokers.orders.rabbitmq.tls]
+//! ca_file = "/etc/broker/rabbit-ca.pem"   # the system's roots when absent
+//! cert_file = "/etc/broker/client.pem"    # only for servers that ask for a client
+//! key_file = "/etc/broker/client.key"     # certificate (`ssl_options.verify`)
+//! ```
+//!
+//! The `tls` table ([`TlsConfig`](crate::config::TlsConfig)) is optional: without it an
+//! `amqps://` server's certificate is checked against the system's trusted roots, with no
+//! client certificate. With it, every URL must be `amqps://`. The certificate and key files
+//! are read when the provider connects (a missing or unreadable one is an [`Error::Config`]
+//! naming its key, such as `rabbitmq.tls.ca_file`) and the one rustls configuration is
+//! reused by every reconnection. The crypto is the process's default rustls provider when
+//! the application installed one, and a pure-Rust one otherwise; none has to be installed.
+//!
+//! The server's certificate must carry the URL's host name, or `server_name` when it is set
+//! (for example when the URL holds an IP address). The handshake sends the URL's host name
+//! as SNI; for an IP address it sends `server_name` when set, and nothing otherwise. A
+//! certificate that is not trusted or carries another name, and a client certificate the
+//! server refused or did not get, fail the connect with [`RabbitMqError::Tls`].
 //!
 //! # The amqprs client
 //!
@@ -73,7 +105,6 @@
 //!
 //! # Not supported yet
 //!
-//! - TLS (`amqps://`): it needs amqprs's `tls` feature behind this crate's `tls` feature.
 //! - Exchange types `headers` and others than `topic`, `direct` and `fanout`.
 //!
 //! [`propagation::dead_letter`]: crate::propagation::dead_letter
@@ -83,6 +114,7 @@ mod confirms;
 mod connection;
 mod consumer;
 mod error;
+mod tls;
 mod topology;
 
 use std::fmt;
@@ -98,6 +130,7 @@ pub use error::RabbitMqError;
 use self::codec::check_short;
 use self::connection::{Link, address_of, close_channel};
 use self::consumer::Consumer;
+use self::tls::Tls;
 use crate::config::RabbitMqConfig;
 use crate::context::Context;
 use crate::error::{Error, Operation, Origin, Result};
@@ -165,9 +198,10 @@ impl RabbitMqProvider {
         config.check().map_err(|(key, message)| {
             Error::broker(origin(), RabbitMqError::InvalidSetting { key, message })
         })?;
+        let tls = Tls::for_servers(name, &config, origin)?;
         let link = ctx
             .run(origin, async {
-                Link::open(name, &config)
+                Link::open(name, &config, tls)
                     .await
                     .map_err(|error| Error::broker(origin(), error))
             })

@@ -27,7 +27,8 @@ pub enum ExchangeKind {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitMqConfig {
-    /// The server, `amqp://user:password@host:port/vhost` or `amqps://…`.
+    /// The server, `amqp://user:password@host:port/vhost`, or `amqps://…` for TLS (port 5671
+    /// by default; needs the crate's `tls` feature).
     #[serde(default)]
     pub url: Option<SecretUrl>,
     /// Several servers of a cluster, tried in turn (besides or instead of `url`).
@@ -84,7 +85,9 @@ pub struct RabbitMqConfig {
     /// The longest wait between two reconnection attempts.
     #[serde(default = "default_reconnect_max_backoff", with = "humantime_serde")]
     pub reconnect_max_backoff: Duration,
-    /// TLS settings for `amqps://` URLs; the system's roots when absent.
+    /// How `amqps://` servers are checked and which client certificate they are shown. When
+    /// absent, `amqps://` servers are checked against the system's trusted roots; when present
+    /// and enabled, every URL must be `amqps://`.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
 }
