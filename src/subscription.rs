@@ -55,12 +55,11 @@ impl Subscription {
     }
 
     async fn join(&mut self) {
-        if let Some(task) = self.task.take() {
-            if let Err(error) = task.await {
-                if error.is_panic() {
-                    tracing::error!(topic = %self.topic, "subscription task panicked");
-                }
-            }
+        if let Some(task) = self.task.take()
+            && let Err(error) = task.await
+            && error.is_panic()
+        {
+            tracing::error!(topic = %self.topic, "subscription task panicked");
         }
     }
 }

@@ -349,15 +349,15 @@ async fn read_partition(
                 offset = record_offset + 1;
             }
 
-            if let Some(member) = &member {
-                if offset > committed {
-                    match member.lock().await.commit(&[(partition, offset)]).await {
-                        Ok(()) => committed = offset,
-                        Err(error) => {
-                            log_commit_failure(&shared, &topic, partition, offset, &error);
-                            if error.needs_rejoin() {
-                                stop.cancel();
-                            }
+            if let Some(member) = &member
+                && offset > committed
+            {
+                match member.lock().await.commit(&[(partition, offset)]).await {
+                    Ok(()) => committed = offset,
+                    Err(error) => {
+                        log_commit_failure(&shared, &topic, partition, offset, &error);
+                        if error.needs_rejoin() {
+                            stop.cancel();
                         }
                     }
                 }

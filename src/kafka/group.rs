@@ -24,9 +24,9 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
+use super::tls::ClientTls;
 use super::wire::{Connection, WireError};
 use crate::config::{Assignor, KafkaSasl};
-use crate::tls::ClientTls;
 
 /// What went wrong in the group protocol.
 #[derive(Debug, thiserror::Error)]

@@ -41,6 +41,7 @@ mod consumer;
 mod group;
 mod producer;
 mod record;
+mod tls;
 mod wire;
 
 use std::fmt;
@@ -59,7 +60,6 @@ use crate::message::Message;
 use crate::propagation;
 use crate::provider::{Provider, SubscribeOptions};
 use crate::subscription::{Subscription, Subscriptions};
-use crate::tls::{self, ClientTls};
 
 pub use consumer::{DEAD_LETTER_OFFSET_HEADER, DEAD_LETTER_PARTITION_HEADER};
 pub use record::{ID_HEADER, KEY_HEADER, partition_for_key};
@@ -67,6 +67,7 @@ pub use record::{ID_HEADER, KEY_HEADER, partition_for_key};
 use consumer::Consumer;
 use group::{GroupSettings, Member};
 use producer::Producer;
+use tls::ClientTls;
 
 const DRIVER: &str = "kafka";
 
@@ -108,7 +109,7 @@ impl KafkaProvider {
                 SaslMechanism::ScramSha512 => SaslConfig::ScramSha512(credentials),
             });
         }
-        let tls = tls::configure(config.tls(), name, "kafka.tls", origin)?;
+        let tls = tls::configure(config.tls(), name, origin)?;
         #[cfg(feature = "tls")]
         if let Some(tls) = &tls {
             builder = builder.tls_config(Arc::clone(tls));

@@ -15,8 +15,8 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, Str
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::tls::ClientTls;
 use crate::config::KafkaSasl;
-use crate::tls::ClientTls;
 
 /// The largest response accepted, to bound memory when a peer sends garbage.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;

@@ -142,7 +142,7 @@ pub(super) async fn publish(
         let delay = Duration::from_millis(50)
             .saturating_mul(2u32.saturating_pow(attempt.min(6)))
             .min(Duration::from_secs(2));
-        if attempt == 1 || attempt % 20 == 0 {
+        if attempt == 1 || attempt.is_multiple_of(20) {
             tracing::info!(
                 connection,
                 driver = %DRIVER,

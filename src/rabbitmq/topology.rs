@@ -182,10 +182,10 @@ pub(super) async fn declare_subscription(
         QueueSpec::Group(name) => {
             check_short("a queue name", name)?;
             let expires = u32::try_from(config.queue_expires.as_millis()).unwrap_or(u32::MAX);
-            if expires > 0 {
-                if let Ok(key) = "x-expires".try_into() {
-                    arguments.insert(key, FieldValue::l(i64::from(expires)));
-                }
+            if expires > 0
+                && let Ok(key) = "x-expires".try_into()
+            {
+                arguments.insert(key, FieldValue::l(i64::from(expires)));
             }
             QueueDeclareArguments::durable_client_named(name)
                 .arguments(arguments)
