@@ -26,9 +26,10 @@ use nats_support::{
     nats_url, pump, unique, within,
 };
 
-/// Core NATS. Its checks of retries and dead letters run too: the driver retries a failed
-/// handler in-process and publishes the dead letter itself, though the server never
-/// redelivers.
+/// Core NATS. The server never redelivers and keeps nothing for absent members, so the check
+/// of durable groups is not applicable (it asserts the at-most-once behaviour instead). The
+/// checks of retries and dead letters run: the driver retries a failed handler in-process and
+/// publishes the dead letter itself.
 struct CoreNats;
 
 #[async_trait]
@@ -39,6 +40,13 @@ impl Driver for CoreNats {
 
     async fn dead_broker_error(&self) -> Result<Error, &'static str> {
         Ok(nats_support::dead_server_error().await)
+    }
+
+    fn durable_groups(&self) -> Result<(), &'static str> {
+        Err(
+            "core NATS keeps nothing for a queue group without members: what is published \
+             while none listens is gone, and nothing is ever redelivered",
+        )
     }
 }
 

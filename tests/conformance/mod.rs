@@ -2,8 +2,9 @@
 //! `&dyn Provider`.
 //!
 //! A driver's test file implements [`Driver`] and calls [`conformance_tests!`], which makes one
-//! `#[tokio::test]` per check. A check that cannot apply to a driver (core NATS cannot
-//! redeliver) reports "not applicable" with the driver's reason instead of passing silently.
+//! `#[tokio::test]` per check. A check that cannot apply to a driver (core NATS keeps
+//! nothing for absent members) asserts what the driver does instead and reports "not
+//! applicable" with the driver's reason, never a silent pass.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -46,6 +47,11 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// Whether a group keeps what is published while it has no member, or why not.
+    fn durable_groups(&self) -> Result<(), &'static str> {
+        Ok(())
+    }
+
     /// A topic name no other test uses.
     fn topic(&self) -> String {
         format!("conformance.{}", uuid::Uuid::now_v7().simple())
@@ -69,6 +75,7 @@ macro_rules! conformance_tests {
             request_id_becomes_the_handlers_trace_id_and_span,
             message_published_after_subscribe_is_delivered,
             group_members_share_messages_and_groups_each_get_all,
+            group_resumes_with_what_was_published_while_no_member_listened,
             failing_handler_is_retried_then_dead_lettered,
             panicking_handler_is_retried_and_the_subscription_lives_on,
             close_waits_for_in_flight_handler,
@@ -365,6 +372,72 @@ pub async fn group_members_share_messages_and_groups_each_get_all(driver: &dyn D
 
     provider.close().await.unwrap();
     Verdict::Passed
+}
+
+/// A group outlives its members: what was published while none listened goes to the next
+/// member, and what an earlier member handled is not delivered again. Drivers without durable
+/// groups show the opposite (nothing of the gap arrives) and report "not applicable".
+pub async fn group_resumes_with_what_was_published_while_no_member_listened(
+    driver: &dyn Driver,
+) -> Verdict {
+    let provider = driver.connect().await;
+    let topic = driver.topic();
+    let group = format!("group-{}", uuid::Uuid::now_v7().simple());
+
+    let earlier = Inbox::default();
+    let first = subscribe(
+        &*provider,
+        &topic,
+        SubscribeOptions::group(&group),
+        earlier.handler(),
+    )
+    .await;
+    let handled = numbered(3);
+    publish_all(&*provider, &topic, &handled).await;
+    earlier.wait_for(handled.len()).await;
+    first.stop().await;
+
+    let gap = numbered(3);
+    publish_all(&*provider, &topic, &gap).await;
+
+    let later = Inbox::default();
+    let _second = subscribe(
+        &*provider,
+        &topic,
+        SubscribeOptions::group(&group),
+        later.handler(),
+    )
+    .await;
+    let after = numbered(1);
+    publish_all(&*provider, &topic, &after).await;
+
+    let verdict = match driver.durable_groups() {
+        Ok(()) => {
+            let expected: Vec<String> = gap.iter().chain(&after).map(|m| m.id.clone()).collect();
+            later.wait_for(expected.len()).await;
+            settle().await;
+            assert_eq!(
+                later.ids(),
+                expected,
+                "the new member gets the gap's messages in order, then the new one, and nothing \
+                 the earlier member handled"
+            );
+            Verdict::Passed
+        }
+        Err(reason) => {
+            later.wait_for(after.len()).await;
+            settle().await;
+            assert_eq!(
+                later.ids(),
+                vec![after[0].id.clone()],
+                "without durable groups, only what was published after the member joined arrives"
+            );
+            Verdict::NotApplicable(reason)
+        }
+    };
+
+    provider.close().await.unwrap();
+    verdict
 }
 
 /// A handler that always fails runs [`ATTEMPTS`] times, then the message is dead-lettered with
