@@ -37,6 +37,19 @@ struct Waiter {
     answer: oneshot::Sender<Confirm>,
 }
 
+impl Waiter {
+    /// Tells the publisher how the server answered: `acked` or not.
+    fn answer(self, acked: bool) {
+        let confirm = match (acked, self.returned) {
+            (false, _) => Confirm::Nack,
+            (true, Some(text)) => Confirm::Returned { text },
+            (true, None) => Confirm::Ack,
+        };
+        // The publisher may have given up (its context stopped); nobody to tell then.
+        let _ = self.answer.send(confirm);
+    }
+}
+
 #[derive(Default)]
 struct Pending {
     waiting: BTreeMap<u64, Waiter>,
@@ -273,29 +286,16 @@ impl ConfirmCallback {
     /// Answers the publish with `tag`, or every publish up to it when `multiple`.
     fn settle(&self, tag: u64, multiple: bool, acked: bool) {
         let mut pending = lock(&self.pending);
-        let settled: Vec<(u64, Waiter)> = if multiple {
+        if multiple {
             let later = pending.waiting.split_off(&(tag.saturating_add(1)));
-            std::mem::replace(&mut pending.waiting, later)
-                .into_iter()
-                .collect()
-        } else {
-            pending
-                .waiting
-                .remove(&tag)
-                .map(|waiter| (tag, waiter))
-                .into_iter()
-                .collect()
-        };
-        drop(pending);
-
-        for (_, waiter) in settled {
-            let confirm = match (acked, waiter.returned) {
-                (false, _) => Confirm::Nack,
-                (true, Some(text)) => Confirm::Returned { text },
-                (true, None) => Confirm::Ack,
-            };
-            // The publisher may have given up (its context stopped); nobody to tell then.
-            let _ = waiter.answer.send(confirm);
+            let settled = std::mem::replace(&mut pending.waiting, later);
+            drop(pending);
+            for waiter in settled.into_values() {
+                waiter.answer(acked);
+            }
+        } else if let Some(waiter) = pending.waiting.remove(&tag) {
+            drop(pending);
+            waiter.answer(acked);
         }
     }
 }
