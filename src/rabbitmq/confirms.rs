@@ -101,13 +101,13 @@ impl Publisher {
         }
 
         let (outgoing, queued) = mpsc::unbounded_channel();
-        let sender = Sender {
+        let task = SendTask {
             channel: channel.clone(),
             confirms,
             pending: Arc::clone(&pending),
             lost,
         };
-        tokio::spawn(sender.run(queued));
+        tokio::spawn(task.run(queued));
         Ok(Publisher {
             channel,
             outgoing,
@@ -200,14 +200,14 @@ impl Publisher {
 
 /// The sending task of one publishing channel: numbers the queued messages and hands them to
 /// the client in that order.
-struct Sender {
+struct SendTask {
     channel: Channel,
     confirms: bool,
     pending: Arc<Mutex<Pending>>,
     lost: CancellationToken,
 }
 
-impl Sender {
+impl SendTask {
     async fn run(self, mut queued: mpsc::UnboundedReceiver<Outgoing>) {
         // One wait for the loss, polled only when nothing else is ready: registering a new one
         // for every message would cost more than sending it.
@@ -246,14 +246,20 @@ impl Sender {
             };
             let sent = tokio::select! {
                 biased;
-                sent = self.channel.basic_publish(message.properties, message.body, message.args) => sent,
+                sent = self
+                    .channel
+                    .basic_publish(message.properties, message.body, message.args) => sent,
                 _ = &mut lost => break,
             };
             if let Err(error) = sent {
                 // Not sent: its publisher sees the connection lost and sends it again on the
                 // next one.
                 lock(&self.pending).waiting.remove(&tag);
-                tracing::debug!(driver = %DRIVER, error = %error, "cannot hand a message to the client");
+                tracing::debug!(
+                    driver = %DRIVER,
+                    error = %error,
+                    "cannot hand a message to the client"
+                );
                 self.lost.cancel();
                 break;
             }
