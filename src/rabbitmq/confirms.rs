@@ -228,6 +228,11 @@ impl SendTask {
             if message.answer.is_closed() {
                 continue;
             }
+            // The server may have closed the channel while messages were queued: sending on
+            // would reach a channel that is no longer open.
+            if self.lost.is_cancelled() {
+                break;
+            }
 
             let tag = next_tag;
             let answer = if self.confirms {
