@@ -531,6 +531,56 @@ async fn an_unroutable_publish_is_an_error() {
 }
 
 #[tokio::test]
+async fn among_many_publishes_in_flight_only_the_unroutable_ones_fail() {
+    let provider = connect(config()).await;
+    let routed = unique("routed");
+    let unrouted = unique("unrouted");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let subscription = provider
+        .subscribe_group_fn(&ctx(), &routed, "reader", forward(0, sender))
+        .await
+        .unwrap();
+
+    let ctx = ctx();
+    let publishes = (0..200).map(|i| {
+        let topic = if i % 3 == 0 { &unrouted } else { &routed };
+        let provider = &provider;
+        let ctx = &ctx;
+        async move {
+            let published = provider
+                .publish(ctx, topic, Message::new(format!("message {i}")))
+                .await;
+            (topic, published)
+        }
+    });
+    let results = futures_util::future::join_all(publishes).await;
+
+    let mut confirmed = 0;
+    for (topic, published) in &results {
+        if **topic == unrouted {
+            let error = published.as_ref().unwrap_err();
+            assert!(
+                matches!(rabbit_error(error), RabbitMqError::Unroutable { routing_key, .. } if *routing_key == unrouted),
+                "{error}"
+            );
+        } else {
+            assert!(published.is_ok(), "{published:?}");
+            confirmed += 1;
+        }
+    }
+    for _ in 0..confirmed {
+        receive(&mut receiver).await;
+    }
+
+    subscription.stop().await;
+    clean_up(
+        provider,
+        &[format!("{routed}.reader"), format!("{routed}.dlq")],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_wrong_password_is_refused() {
     let mut url = SecretUrl::parse(&server_url()).unwrap().expose().clone();
     url.set_password(Some("not-the-password")).unwrap();

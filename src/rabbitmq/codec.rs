@@ -21,6 +21,26 @@ pub(super) fn check_short(what: &'static str, value: &str) -> Result<(), RabbitM
     Ok(())
 }
 
+/// Checks that `message` can be sent: its id and header names fit short strings, its header
+/// values long strings. [`encode`] fails on the same messages; checking first lets a publish
+/// refuse a message before it waits for anything.
+pub(super) fn check(message: &Message) -> Result<(), RabbitMqError> {
+    check_short("a message id", &message.id)?;
+    for (key, value) in &message.headers {
+        if key.len() > MAX_SHORT {
+            return Err(RabbitMqError::invalid(
+                "a header name",
+                key,
+                "longer than 255 bytes",
+            ));
+        }
+        if u32::try_from(value.len()).is_err() {
+            return Err(RabbitMqError::invalid("a header value", value, "too long"));
+        }
+    }
+    Ok(())
+}
+
 /// The properties of `message`: persistent, with its id, its time in seconds (and in
 /// milliseconds in a header) and every header as a long string. The body goes as it is.
 pub(super) fn encode(message: &Message) -> Result<BasicProperties, RabbitMqError> {
@@ -41,13 +61,14 @@ pub(super) fn encode(message: &Message) -> Result<BasicProperties, RabbitMqError
         table.insert(name, FieldValue::l(millis));
     }
 
+    // The builder's `finish` copies the whole set, header table included.
     let seconds = u64::try_from(millis / 1000).unwrap_or(0);
-    let properties = BasicProperties::default()
+    let mut properties = BasicProperties::default();
+    properties
         .with_message_id(&message.id)
         .with_timestamp(seconds)
         .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
-        .with_headers(table)
-        .finish();
+        .with_headers(table);
     Ok(properties)
 }
 

@@ -3,9 +3,11 @@
 //! In confirm mode the server numbers the messages of a channel 1, 2, 3… and acknowledges them
 //! by that delivery tag, sometimes several at once (`multiple`). The client hands those acks to
 //! a channel callback only, so the [`Publisher`] keeps its own count and a map from delivery
-//! tag to the publisher waiting for it. An unroutable message published as `mandatory` comes
-//! back as a `basic.return` just before its ack; the return carries no tag, so it is matched to
-//! the oldest waiting message with the same message id.
+//! tag to the publisher waiting for it. One task per channel takes the messages in the order
+//! they were queued, numbers them and hands them to the client, so tags and the order of
+//! messages on the wire agree without publishers taking turns on a lock. An unroutable message
+//! published as `mandatory` comes back as a `basic.return` just before its ack; the return
+//! carries no tag, so it is matched to the oldest waiting message with the same message id.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -14,7 +16,7 @@ use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
 use async_trait::async_trait;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::DRIVER;
@@ -35,6 +37,19 @@ struct Waiter {
     answer: oneshot::Sender<Confirm>,
 }
 
+impl Waiter {
+    /// Tells the publisher how the server answered: `acked` or not.
+    fn answer(self, acked: bool) {
+        let confirm = match (acked, self.returned) {
+            (false, _) => Confirm::Nack,
+            (true, Some(text)) => Confirm::Returned { text },
+            (true, None) => Confirm::Ack,
+        };
+        // The publisher may have given up (its context stopped); nobody to tell then.
+        let _ = self.answer.send(confirm);
+    }
+}
+
 #[derive(Default)]
 struct Pending {
     waiting: BTreeMap<u64, Waiter>,
@@ -42,22 +57,30 @@ struct Pending {
     closed: Option<(u16, String)>,
 }
 
+/// One message queued for the sending task.
+struct Outgoing {
+    args: BasicPublishArguments,
+    properties: BasicProperties,
+    body: Vec<u8>,
+    answer: oneshot::Sender<Confirm>,
+}
+
+/// A message handed to the sending task, whose confirm is still to come; without a receiver
+/// when the task had already stopped.
+pub(super) struct Sent(Option<oneshot::Receiver<Confirm>>);
+
 /// The publishing channel of one connection.
 pub(super) struct Publisher {
     channel: Channel,
-    confirms: bool,
-    /// The delivery tag of the next publish; held while a publish is being sent, so tags and
-    /// the order of messages on the wire agree.
-    next_tag: tokio::sync::Mutex<u64>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
     pending: Arc<Mutex<Pending>>,
-    /// Fired when this channel or its connection is gone.
-    lost: CancellationToken,
     address: String,
 }
 
 impl Publisher {
-    /// Sets up `channel` for publishing, in confirm mode when `confirms` is on. A server that
-    /// closes the channel fires `lost`.
+    /// Sets up `channel` for publishing, in confirm mode when `confirms` is on, and starts its
+    /// sending task. A server that closes the channel fires `lost`; once `lost` fires the task
+    /// stops and every publish still waiting fails.
     pub(super) async fn new(
         channel: Channel,
         confirms: bool,
@@ -76,12 +99,19 @@ impl Publisher {
                 .confirm_select(ConfirmSelectArguments::new(false))
                 .await?;
         }
+
+        let (outgoing, queued) = mpsc::unbounded_channel();
+        let task = SendTask {
+            channel: channel.clone(),
+            confirms,
+            pending: Arc::clone(&pending),
+            lost,
+        };
+        tokio::spawn(task.run(queued));
         Ok(Publisher {
             channel,
-            confirms,
-            next_tag: tokio::sync::Mutex::new(1),
+            outgoing,
             pending,
-            lost,
             address,
         })
     }
@@ -89,6 +119,61 @@ impl Publisher {
     /// The channel, for closing it.
     pub(super) fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    /// Queues one message, as `mandatory`, for the sending task. Wait for its confirm with
+    /// [`Publisher::confirmed`].
+    ///
+    /// Queueing does not wait, so a publish holds little while it waits for its confirm, and
+    /// the messages of many publishes reach the client in one go.
+    pub(super) fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: Vec<u8>,
+    ) -> Sent {
+        let (answer, confirm) = oneshot::channel();
+        let args = BasicPublishArguments {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            mandatory: true,
+            immediate: false,
+        };
+        let outgoing = Outgoing {
+            args,
+            properties,
+            body,
+            answer,
+        };
+        Sent(self.outgoing.send(outgoing).ok().map(|()| confirm))
+    }
+
+    /// Waits for the server's confirm of a message [`Publisher::send`] queued to `exchange`
+    /// with `routing_key` (or for it to be written, when confirms are off).
+    ///
+    /// Dropping the future gives up waiting; a message that was not sent yet is then not sent.
+    pub(super) async fn confirmed(
+        &self,
+        sent: Sent,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), RabbitMqError> {
+        let Some(confirm) = sent.0 else {
+            return Err(self.lost_error());
+        };
+        match confirm.await {
+            Ok(Confirm::Ack) => Ok(()),
+            Ok(Confirm::Nack) => Err(RabbitMqError::Nacked),
+            Ok(Confirm::Returned { text }) => Err(RabbitMqError::Unroutable {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                detail: text,
+            }),
+            Ok(Confirm::Closed { code, text }) => Err(RabbitMqError::ChannelClosed { code, text }),
+            // The sending task dropped the message: the channel or its connection is gone.
+            Err(_) => Err(self.lost_error()),
+        }
     }
 
     /// Publishes one message as `mandatory` and waits for its confirm (when confirms are on).
@@ -99,63 +184,8 @@ impl Publisher {
         properties: BasicProperties,
         body: Vec<u8>,
     ) -> Result<(), RabbitMqError> {
-        let message_id = properties.message_id().cloned().unwrap_or_default();
-        let args = BasicPublishArguments::new(exchange, routing_key)
-            .mandatory(true)
-            .finish();
-
-        let answer = {
-            let mut next_tag = self.next_tag.lock().await;
-            if self.lost.is_cancelled() {
-                return Err(self.lost_error());
-            }
-            let tag = *next_tag;
-            let answer = if self.confirms {
-                let (sender, receiver) = oneshot::channel();
-                lock(&self.pending).waiting.insert(
-                    tag,
-                    Waiter {
-                        message_id,
-                        returned: None,
-                        answer: sender,
-                    },
-                );
-                Some(receiver)
-            } else {
-                None
-            };
-            // Cancelling this future is safe: the client sends the frame with one channel
-            // send, so a cancelled publish was not sent and the next one reuses its tag (and
-            // replaces its waiter).
-            if let Err(error) = self.channel.basic_publish(properties, body, args).await {
-                lock(&self.pending).waiting.remove(&tag);
-                self.lost.cancel();
-                return Err(error.into());
-            }
-            *next_tag += 1;
-            answer
-        };
-
-        let Some(answer) = answer else {
-            return Ok(());
-        };
-        let confirm = tokio::select! {
-            confirm = answer => confirm.ok(),
-            _ = self.lost.cancelled() => None,
-        };
-        match confirm {
-            Some(Confirm::Ack) => Ok(()),
-            Some(Confirm::Nack) => Err(RabbitMqError::Nacked),
-            Some(Confirm::Returned { text }) => Err(RabbitMqError::Unroutable {
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
-                detail: text,
-            }),
-            Some(Confirm::Closed { code, text }) => {
-                Err(RabbitMqError::ChannelClosed { code, text })
-            }
-            None => Err(self.lost_error()),
-        }
+        let sent = self.send(exchange, routing_key, properties, body);
+        self.confirmed(sent, exchange, routing_key).await
     }
 
     fn lost_error(&self) -> RabbitMqError {
@@ -165,6 +195,90 @@ impl Publisher {
                 address: self.address.clone(),
             },
         }
+    }
+}
+
+/// The sending task of one publishing channel: numbers the queued messages and hands them to
+/// the client in that order.
+struct SendTask {
+    channel: Channel,
+    confirms: bool,
+    pending: Arc<Mutex<Pending>>,
+    lost: CancellationToken,
+}
+
+impl SendTask {
+    async fn run(self, mut queued: mpsc::UnboundedReceiver<Outgoing>) {
+        // One wait for the loss, polled only when nothing else is ready: registering a new one
+        // for every message would cost more than sending it.
+        let lost = self.lost.cancelled();
+        tokio::pin!(lost);
+        let mut next_tag: u64 = 1;
+        loop {
+            let message = tokio::select! {
+                biased;
+                message = queued.recv() => match message {
+                    Some(message) => message,
+                    // The publisher is gone, and with it the session.
+                    None => break,
+                },
+                _ = &mut lost => break,
+            };
+            // Its publisher stopped waiting (its context ended): it is not sent at all.
+            if message.answer.is_closed() {
+                continue;
+            }
+            // The server may have closed the channel while messages were queued: sending on
+            // would reach a channel that is no longer open.
+            if self.lost.is_cancelled() {
+                break;
+            }
+
+            let tag = next_tag;
+            let answer = if self.confirms {
+                let message_id = message.properties.message_id().cloned().unwrap_or_default();
+                lock(&self.pending).waiting.insert(
+                    tag,
+                    Waiter {
+                        message_id,
+                        returned: None,
+                        answer: message.answer,
+                    },
+                );
+                None
+            } else {
+                Some(message.answer)
+            };
+            let sent = tokio::select! {
+                biased;
+                sent = self
+                    .channel
+                    .basic_publish(message.properties, message.body, message.args) => sent,
+                _ = &mut lost => break,
+            };
+            if let Err(error) = sent {
+                // Not sent: its publisher sees the connection lost and sends it again on the
+                // next one.
+                lock(&self.pending).waiting.remove(&tag);
+                tracing::debug!(
+                    driver = %DRIVER,
+                    error = %error,
+                    "cannot hand a message to the client"
+                );
+                self.lost.cancel();
+                break;
+            }
+            next_tag += 1;
+            if let Some(answer) = answer {
+                let _ = answer.send(Confirm::Ack);
+            }
+        }
+
+        // No confirm can come on this channel any more: the messages waiting for one, and
+        // those still queued, fail with the loss of the channel or of its connection.
+        queued.close();
+        let waiting = std::mem::take(&mut lock(&self.pending).waiting);
+        drop(waiting);
     }
 }
 
@@ -183,29 +297,16 @@ impl ConfirmCallback {
     /// Answers the publish with `tag`, or every publish up to it when `multiple`.
     fn settle(&self, tag: u64, multiple: bool, acked: bool) {
         let mut pending = lock(&self.pending);
-        let settled: Vec<(u64, Waiter)> = if multiple {
+        if multiple {
             let later = pending.waiting.split_off(&(tag.saturating_add(1)));
-            std::mem::replace(&mut pending.waiting, later)
-                .into_iter()
-                .collect()
-        } else {
-            pending
-                .waiting
-                .remove(&tag)
-                .map(|waiter| (tag, waiter))
-                .into_iter()
-                .collect()
-        };
-        drop(pending);
-
-        for (_, waiter) in settled {
-            let confirm = match (acked, waiter.returned) {
-                (false, _) => Confirm::Nack,
-                (true, Some(text)) => Confirm::Returned { text },
-                (true, None) => Confirm::Ack,
-            };
-            // The publisher may have given up (its context stopped); nobody to tell then.
-            let _ = waiter.answer.send(confirm);
+            let settled = std::mem::replace(&mut pending.waiting, later);
+            drop(pending);
+            for waiter in settled.into_values() {
+                waiter.answer(acked);
+            }
+        } else if let Some(waiter) = pending.waiting.remove(&tag) {
+            drop(pending);
+            waiter.answer(acked);
         }
     }
 }

@@ -110,8 +110,24 @@ impl Link {
         self.current.borrow().clone()
     }
 
+    /// The current session if it is connected and the link is not closing, without waiting.
+    pub(super) fn live(&self) -> Option<Arc<Session>> {
+        if self.closing.is_cancelled() {
+            return None;
+        }
+        self.current
+            .borrow()
+            .as_ref()
+            .filter(|session| !session.lost.is_cancelled())
+            .cloned()
+    }
+
     /// The current session, waiting for a reconnection if needed; `None` once closing.
     pub(super) async fn session(&self) -> Option<Arc<Session>> {
+        if let Some(session) = self.live() {
+            return Some(session);
+        }
+
         let mut receiver = self.current.subscribe();
         tokio::select! {
             biased;

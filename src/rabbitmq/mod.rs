@@ -283,15 +283,21 @@ impl Provider for RabbitMqProvider {
         self.check_open(Operation::Publish, topic)?;
         check_short("a routing key", topic).map_err(|error| Error::broker(origin(), error))?;
         propagation::inject(ctx, &mut message);
-        let properties = codec::encode(&message).map_err(|error| Error::broker(origin(), error))?;
+        codec::check(&message).map_err(|error| Error::broker(origin(), error))?;
 
         let exchange = &self.inner.config.exchange;
         let published = ctx
             .run(origin, async {
                 let mut waited = false;
                 loop {
-                    let Some(session) = self.inner.link.session().await else {
-                        return Err(Error::Closed { origin: origin() });
+                    let session = match self.inner.link.live() {
+                        Some(session) => session,
+                        // Boxed, as waiting for a reconnection is rare and its state would
+                        // otherwise make every publish larger to allocate and move.
+                        None => match Box::pin(self.inner.link.session()).await {
+                            Some(session) => session,
+                            None => return Err(Error::Closed { origin: origin() }),
+                        },
                     };
                     if waited {
                         tracing::debug!(
@@ -301,21 +307,21 @@ impl Provider for RabbitMqProvider {
                             "publishing again on the new connection"
                         );
                     }
-                    let published = session
-                        .publisher
-                        .publish(exchange, topic, properties.clone(), message.body.to_vec())
-                        .await;
-                    match published {
+                    // Encoded for each attempt, so the first one copies nothing it does not send.
+                    let properties =
+                        codec::encode(&message).map_err(|error| Error::broker(origin(), error))?;
+                    let publisher = &session.publisher;
+                    let sent = publisher.send(exchange, topic, properties, message.body.to_vec());
+                    match publisher.confirmed(sent, exchange, topic).await {
                         Ok(()) => return Ok(()),
                         Err(RabbitMqError::ConnectionLost { .. })
-                            if !self.inner.link.is_closing() =>
-                        {
-                            // The confirm was lost with the connection: send it again on the next.
-                            session.lost.cancelled().await;
-                            waited = true;
-                        }
+                            if !self.inner.link.is_closing() => {}
                         Err(error) => return Err(Error::broker(origin(), error)),
                     }
+
+                    // The confirm was lost with the connection: send it again on the next.
+                    session.lost.cancelled().await;
+                    waited = true;
                 }
             })
             .await;
