@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use rskafka::client::error::{Error as ClientError, ProtocolError};
 use rskafka::client::partition::{OffsetAt, PartitionClient};
 use rskafka::record::RecordAndOffset;
 use tokio::sync::{Mutex, mpsc};
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::group::{GroupError, Member};
 use super::producer::{partition_client, partition_counts};
@@ -112,7 +113,7 @@ impl Consumer {
     /// Reads until `stop` fires, without a group: nothing is committed.
     pub(crate) async fn run_alone(mut self, positions: Positions, stop: CancellationToken) {
         let readers = self.readers(&positions, None, &stop).await;
-        join_all(readers).await;
+        run_all(readers).await;
     }
 
     /// Reads as a group member until `stop` fires, joining again after every rebalance, then
@@ -133,7 +134,7 @@ impl Consumer {
             ));
 
             let readers = self.readers(&positions, Some(&member), &generation).await;
-            join_all(readers).await;
+            run_all(readers).await;
             generation.cancelled().await;
             // The heartbeat ends at its next step; waiting for it keeps a request from being
             // cut off half-way on the coordinator connection.
@@ -260,6 +261,28 @@ impl Consumer {
     }
 }
 
+/// Runs each partition's reader as a task of its own, so partitions are handled in parallel,
+/// and waits for all of them. Dropping this stops them; a reader's panic goes on to the
+/// caller.
+async fn run_all(readers: Vec<impl Future<Output = ()> + Send + 'static>) {
+    let mut tasks = JoinSet::new();
+    for reader in readers {
+        tasks.spawn(reader);
+    }
+    while let Some(ended) = tasks.join_next().await {
+        forward_panic(ended);
+    }
+}
+
+/// Lets a task's panic unwind on in the task that waited for it, as if it had run there.
+fn forward_panic(ended: Result<(), JoinError>) {
+    if let Err(error) = ended
+        && error.is_panic()
+    {
+        std::panic::resume_unwind(error.into_panic());
+    }
+}
+
 /// Heartbeats until the generation ends; a rebalance or an eviction ends it.
 async fn heartbeat(member: Arc<Mutex<Member>>, interval: Duration, generation: CancellationToken) {
     let mut ticks = tokio::time::interval(interval);
@@ -286,8 +309,9 @@ async fn heartbeat(member: Arc<Mutex<Member>>, interval: Duration, generation: C
 }
 
 /// Reads one partition in order until `stop` fires, handling each record and committing the
-/// offsets of handled records after each fetched batch. The next batch is fetched while the
-/// current one is handled, so at most two batches of the partition are in memory.
+/// offsets of handled records after each fetched batch. The next batch is fetched (and
+/// decoded, which costs about as much as handling) by a task of its own while the current one
+/// is handled, so at most two batches of the partition are in memory.
 #[allow(clippy::too_many_arguments)]
 async fn read_partition(
     shared: Arc<Shared>,
@@ -302,7 +326,14 @@ async fn read_partition(
     let partition = client.partition();
     let (batches, mut fetched) = mpsc::channel(1);
     let fetching = stop.child_token();
-    let fetcher = fetch_batches(&shared, &topic, &client, offset, &fetching, batches);
+    let fetcher = AbortOnDropHandle::new(tokio::spawn(fetch_batches(
+        Arc::clone(&shared),
+        topic.clone(),
+        Arc::clone(&client),
+        offset,
+        fetching.clone(),
+        batches,
+    )));
 
     let handler = async {
         let mut committed = offset;
@@ -369,19 +400,21 @@ async fn read_partition(
         fetching.cancel();
     };
 
-    tokio::join!(fetcher, handler);
+    handler.await;
+    forward_panic(fetcher.await);
 }
 
 /// Fetches batches of records from `offset` on and sends them to `batches` until `stop`
 /// fires, retrying failed fetches with capped backoff.
 async fn fetch_batches(
-    shared: &Shared,
-    topic: &str,
-    client: &PartitionClient,
+    shared: Arc<Shared>,
+    topic: String,
+    client: Arc<PartitionClient>,
     mut offset: i64,
-    stop: &CancellationToken,
+    stop: CancellationToken,
     batches: mpsc::Sender<Vec<RecordAndOffset>>,
 ) {
+    let topic = topic.as_str();
     let partition = client.partition();
     let config = &shared.config;
     let max_wait = i32::try_from(config.fetch_max_wait.as_millis()).unwrap_or(i32::MAX);
