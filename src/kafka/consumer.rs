@@ -2,13 +2,13 @@
 //! handler succeeded, and following the consumer group through rebalances.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use rskafka::client::error::{Error as ClientError, ProtocolError};
 use rskafka::client::partition::{OffsetAt, PartitionClient};
 use rskafka::record::RecordAndOffset;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -133,8 +133,26 @@ impl Consumer {
                 generation.clone(),
             ));
 
-            let readers = self.readers(&positions, Some(&member), &generation).await;
-            run_all(readers).await;
+            let handled = Arc::new(Handled::default());
+            let readers = self.readers(&positions, Some(&handled), &generation).await;
+            let readers_done = CancellationToken::new();
+            let committer = commit_handled(
+                Arc::clone(&self.shared),
+                self.topic.clone(),
+                Arc::clone(&member),
+                handled,
+                readers_done.clone(),
+                generation.clone(),
+            );
+            // The committer ends once the readers have ended and what they handled is
+            // committed, so joining again or leaving sees every commit.
+            tokio::join!(
+                async {
+                    run_all(readers).await;
+                    readers_done.cancel();
+                },
+                committer
+            );
             generation.cancelled().await;
             // The heartbeat ends at its next step; waiting for it keeps a request from being
             // cut off half-way on the coordinator connection.
@@ -209,7 +227,7 @@ impl Consumer {
     async fn readers(
         &mut self,
         positions: &Positions,
-        member: Option<&Arc<Mutex<Member>>>,
+        handled: Option<&Arc<Handled>>,
         stop: &CancellationToken,
     ) -> Vec<impl Future<Output = ()> + use<>> {
         let mut readers = Vec::new();
@@ -222,7 +240,7 @@ impl Consumer {
                     self.dead_letter_topic.clone(),
                     client,
                     *offset,
-                    member.cloned(),
+                    handled.cloned(),
                     stop.clone(),
                 )),
                 Err(error) => {
@@ -283,6 +301,69 @@ fn forward_panic(ended: Result<(), JoinError>) {
     }
 }
 
+/// The offsets (next to read) after the records handled in one generation and not yet
+/// committed, per partition: the readers fill it and the committer drains it.
+#[derive(Default)]
+struct Handled {
+    offsets: std::sync::Mutex<HashMap<i32, i64>>,
+    added: Notify,
+}
+
+impl Handled {
+    fn add(&self, partition: i32, offset: i64) {
+        self.offsets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(partition, offset);
+        self.added.notify_one();
+    }
+
+    fn take(&self) -> Vec<(i32, i64)> {
+        self.offsets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .collect()
+    }
+}
+
+/// Commits the offsets the readers of one generation hand over, every partition's in one
+/// request, until `readers_done` fires and all they handled is committed. The readers do not
+/// wait for a commit: what they handle while one is in flight goes with the next. A commit the
+/// coordinator refuses because the group is rebalancing ends the generation.
+async fn commit_handled(
+    shared: Arc<Shared>,
+    topic: String,
+    member: Arc<Mutex<Member>>,
+    handled: Arc<Handled>,
+    readers_done: CancellationToken,
+    generation: CancellationToken,
+) {
+    loop {
+        // Read before taking: once the readers are done, nothing is added after the take.
+        let finished = readers_done.is_cancelled();
+        let offsets = handled.take();
+        if offsets.is_empty() {
+            if finished {
+                return;
+            }
+            tokio::select! {
+                _ = handled.added.notified() => {}
+                _ = readers_done.cancelled() => {}
+            }
+            continue;
+        }
+
+        let committed = member.lock().await.commit(&offsets).await;
+        if let Err(error) = committed {
+            log_commit_failure(&shared, &topic, &offsets, &error);
+            if error.needs_rejoin() {
+                generation.cancel();
+            }
+        }
+    }
+}
+
 /// Heartbeats until the generation ends; a rebalance or an eviction ends it.
 async fn heartbeat(member: Arc<Mutex<Member>>, interval: Duration, generation: CancellationToken) {
     let mut ticks = tokio::time::interval(interval);
@@ -308,10 +389,10 @@ async fn heartbeat(member: Arc<Mutex<Member>>, interval: Duration, generation: C
     }
 }
 
-/// Reads one partition in order until `stop` fires, handling each record and committing the
-/// offsets of handled records after each fetched batch. The next batch is fetched (and
-/// decoded, which costs about as much as handling) by a task of its own while the current one
-/// is handled, so at most two batches of the partition are in memory.
+/// Reads one partition in order until `stop` fires, handling each record and handing the offset
+/// after the handled records to the committer after each fetched batch. The next batch is
+/// fetched (and decoded, which costs about as much as handling) by a task of its own while the
+/// current one is handled, so at most two batches of the partition are in memory.
 #[allow(clippy::too_many_arguments)]
 async fn read_partition(
     shared: Arc<Shared>,
@@ -320,7 +401,7 @@ async fn read_partition(
     dead_letter_topic: Option<String>,
     client: Arc<PartitionClient>,
     mut offset: i64,
-    member: Option<Arc<Mutex<Member>>>,
+    handled: Option<Arc<Handled>>,
     stop: CancellationToken,
 ) {
     let partition = client.partition();
@@ -336,7 +417,7 @@ async fn read_partition(
     )));
 
     let handler = async {
-        let mut committed = offset;
+        let mut handed_over = offset;
         loop {
             let records = tokio::select! {
                 biased;
@@ -380,18 +461,11 @@ async fn read_partition(
                 offset = record_offset + 1;
             }
 
-            if let Some(member) = &member
-                && offset > committed
+            if let Some(handled) = &handled
+                && offset > handed_over
             {
-                match member.lock().await.commit(&[(partition, offset)]).await {
-                    Ok(()) => committed = offset,
-                    Err(error) => {
-                        log_commit_failure(&shared, &topic, partition, offset, &error);
-                        if error.needs_rejoin() {
-                            stop.cancel();
-                        }
-                    }
-                }
+                handled.add(partition, offset);
+                handed_over = offset;
             }
             if interrupted {
                 break;
@@ -482,19 +556,12 @@ async fn fetch_batches(
     }
 }
 
-fn log_commit_failure(
-    shared: &Shared,
-    topic: &str,
-    partition: i32,
-    offset: i64,
-    error: &GroupError,
-) {
+fn log_commit_failure(shared: &Shared, topic: &str, offsets: &[(i32, i64)], error: &GroupError) {
     tracing::warn!(
         connection = %shared.name,
         driver = %DRIVER,
         topic,
-        partition,
-        offset,
+        offsets = ?offsets,
         error = %error,
         "offset commit failed; records after the last commit will be delivered again"
     );
