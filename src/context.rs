@@ -1,10 +1,12 @@
 //! The request context every operation takes: request id, trace id, cancellation, deadline.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::error::{Error, Origin, Stop};
 
@@ -18,8 +20,10 @@ use crate::error::{Error, Origin, Stop};
 /// Cloning is cheap; clones share the cancellation token.
 #[derive(Debug, Clone)]
 pub struct Context {
-    request_id: String,
-    trace_id: String,
+    // Shared rather than owned: a context is cloned for every operation and built for every
+    // delivered message, and the request and trace ids are usually the same text.
+    request_id: Arc<str>,
+    trace_id: Arc<str>,
     cancel: CancellationToken,
     deadline: Option<Instant>,
 }
@@ -33,20 +37,23 @@ impl Default for Context {
 impl Context {
     /// A context with a fresh request id, used as its trace id too, no deadline.
     pub fn new() -> Self {
-        let id = new_id();
-        Context {
-            request_id: id.clone(),
-            trace_id: id,
-            cancel: CancellationToken::new(),
-            deadline: None,
-        }
+        Context::with_id(
+            Uuid::now_v7()
+                .hyphenated()
+                .encode_lower(&mut Uuid::encode_buffer()),
+        )
     }
 
     /// A context that continues the request `id`: both its request id and trace id are `id`.
     pub fn from_request_id(id: impl Into<String>) -> Self {
-        let id = id.into();
+        Context::with_id(&id.into())
+    }
+
+    /// A context whose request id and trace id are both `id`.
+    pub(crate) fn with_id(id: &str) -> Self {
+        let id = Arc::<str>::from(id);
         Context {
-            request_id: id.clone(),
+            request_id: Arc::clone(&id),
             trace_id: id,
             cancel: CancellationToken::new(),
             deadline: None,
@@ -55,7 +62,7 @@ impl Context {
 
     /// This context with another trace id.
     pub fn with_trace_id(mut self, trace_id: impl Into<String>) -> Self {
-        self.trace_id = trace_id.into();
+        self.trace_id = trace_id.into().into();
         self
     }
 
@@ -171,5 +178,9 @@ impl Context {
 
 /// A new unique, time-ordered id (UUID v7) as text.
 pub(crate) fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    // Encoded into a buffer rather than through `Display`: ids are made per message.
+    Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut Uuid::encode_buffer())
+        .to_owned()
 }

@@ -1,6 +1,6 @@
 //! How trace ids travel in message headers, and the headers a dead-lettered message carries.
 
-use crate::context::{Context, new_id};
+use crate::context::Context;
 use crate::handler::Source;
 use crate::message::Message;
 
@@ -26,8 +26,8 @@ pub fn inject(ctx: &Context, message: &mut Message) {
 /// id, or a fresh id when the message has none.
 pub fn extract(message: &Message) -> Context {
     match message.trace_id() {
-        Some(trace_id) if !trace_id.is_empty() => Context::from_request_id(trace_id),
-        _ => Context::from_request_id(new_id()),
+        Some(trace_id) if !trace_id.is_empty() => Context::with_id(trace_id),
+        _ => Context::new(),
     }
 }
 

@@ -2,15 +2,16 @@
 //! handler succeeded, and following the consumer group through rebalances.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use rskafka::client::error::{Error as ClientError, ProtocolError};
 use rskafka::client::partition::{OffsetAt, PartitionClient};
 use rskafka::record::RecordAndOffset;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, Notify, mpsc};
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::group::{GroupError, Member};
 use super::producer::{partition_client, partition_counts};
@@ -112,7 +113,7 @@ impl Consumer {
     /// Reads until `stop` fires, without a group: nothing is committed.
     pub(crate) async fn run_alone(mut self, positions: Positions, stop: CancellationToken) {
         let readers = self.readers(&positions, None, &stop).await;
-        join_all(readers).await;
+        run_all(readers).await;
     }
 
     /// Reads as a group member until `stop` fires, joining again after every rebalance, then
@@ -132,8 +133,26 @@ impl Consumer {
                 generation.clone(),
             ));
 
-            let readers = self.readers(&positions, Some(&member), &generation).await;
-            join_all(readers).await;
+            let handled = Arc::new(Handled::default());
+            let readers = self.readers(&positions, Some(&handled), &generation).await;
+            let readers_done = CancellationToken::new();
+            let committer = commit_handled(
+                Arc::clone(&self.shared),
+                self.topic.clone(),
+                Arc::clone(&member),
+                handled,
+                readers_done.clone(),
+                generation.clone(),
+            );
+            // The committer ends once the readers have ended and what they handled is
+            // committed, so joining again or leaving sees every commit.
+            tokio::join!(
+                async {
+                    run_all(readers).await;
+                    readers_done.cancel();
+                },
+                committer
+            );
             generation.cancelled().await;
             // The heartbeat ends at its next step; waiting for it keeps a request from being
             // cut off half-way on the coordinator connection.
@@ -208,7 +227,7 @@ impl Consumer {
     async fn readers(
         &mut self,
         positions: &Positions,
-        member: Option<&Arc<Mutex<Member>>>,
+        handled: Option<&Arc<Handled>>,
         stop: &CancellationToken,
     ) -> Vec<impl Future<Output = ()> + use<>> {
         let mut readers = Vec::new();
@@ -221,7 +240,7 @@ impl Consumer {
                     self.dead_letter_topic.clone(),
                     client,
                     *offset,
-                    member.cloned(),
+                    handled.cloned(),
                     stop.clone(),
                 )),
                 Err(error) => {
@@ -260,6 +279,91 @@ impl Consumer {
     }
 }
 
+/// Runs each partition's reader as a task of its own, so partitions are handled in parallel,
+/// and waits for all of them. Dropping this stops them; a reader's panic goes on to the
+/// caller.
+async fn run_all(readers: Vec<impl Future<Output = ()> + Send + 'static>) {
+    let mut tasks = JoinSet::new();
+    for reader in readers {
+        tasks.spawn(reader);
+    }
+    while let Some(ended) = tasks.join_next().await {
+        forward_panic(ended);
+    }
+}
+
+/// Lets a task's panic unwind on in the task that waited for it, as if it had run there.
+fn forward_panic(ended: Result<(), JoinError>) {
+    if let Err(error) = ended
+        && error.is_panic()
+    {
+        std::panic::resume_unwind(error.into_panic());
+    }
+}
+
+/// The offsets (next to read) after the records handled in one generation and not yet
+/// committed, per partition: the readers fill it and the committer drains it.
+#[derive(Default)]
+struct Handled {
+    offsets: std::sync::Mutex<HashMap<i32, i64>>,
+    added: Notify,
+}
+
+impl Handled {
+    fn add(&self, partition: i32, offset: i64) {
+        self.offsets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(partition, offset);
+        self.added.notify_one();
+    }
+
+    fn take(&self) -> Vec<(i32, i64)> {
+        self.offsets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .collect()
+    }
+}
+
+/// Commits the offsets the readers of one generation hand over, every partition's in one
+/// request, until `readers_done` fires and all they handled is committed. The readers do not
+/// wait for a commit: what they handle while one is in flight goes with the next. A commit the
+/// coordinator refuses because the group is rebalancing ends the generation.
+async fn commit_handled(
+    shared: Arc<Shared>,
+    topic: String,
+    member: Arc<Mutex<Member>>,
+    handled: Arc<Handled>,
+    readers_done: CancellationToken,
+    generation: CancellationToken,
+) {
+    loop {
+        // Read before taking: once the readers are done, nothing is added after the take.
+        let finished = readers_done.is_cancelled();
+        let offsets = handled.take();
+        if offsets.is_empty() {
+            if finished {
+                return;
+            }
+            tokio::select! {
+                _ = handled.added.notified() => {}
+                _ = readers_done.cancelled() => {}
+            }
+            continue;
+        }
+
+        let committed = member.lock().await.commit(&offsets).await;
+        if let Err(error) = committed {
+            log_commit_failure(&shared, &topic, &offsets, &error);
+            if error.needs_rejoin() {
+                generation.cancel();
+            }
+        }
+    }
+}
+
 /// Heartbeats until the generation ends; a rebalance or an eviction ends it.
 async fn heartbeat(member: Arc<Mutex<Member>>, interval: Duration, generation: CancellationToken) {
     let mut ticks = tokio::time::interval(interval);
@@ -285,8 +389,9 @@ async fn heartbeat(member: Arc<Mutex<Member>>, interval: Duration, generation: C
     }
 }
 
-/// Reads one partition in order until `stop` fires, handling each record and committing the
-/// offsets of handled records after each fetched batch. The next batch is fetched while the
+/// Reads one partition in order until `stop` fires, handling each record and handing the offset
+/// after the handled records to the committer after each fetched batch. The next batch is
+/// fetched (and decoded, which costs about as much as handling) by a task of its own while the
 /// current one is handled, so at most two batches of the partition are in memory.
 #[allow(clippy::too_many_arguments)]
 async fn read_partition(
@@ -296,16 +401,23 @@ async fn read_partition(
     dead_letter_topic: Option<String>,
     client: Arc<PartitionClient>,
     mut offset: i64,
-    member: Option<Arc<Mutex<Member>>>,
+    handled: Option<Arc<Handled>>,
     stop: CancellationToken,
 ) {
     let partition = client.partition();
     let (batches, mut fetched) = mpsc::channel(1);
     let fetching = stop.child_token();
-    let fetcher = fetch_batches(&shared, &topic, &client, offset, &fetching, batches);
+    let fetcher = AbortOnDropHandle::new(tokio::spawn(fetch_batches(
+        Arc::clone(&shared),
+        topic.clone(),
+        Arc::clone(&client),
+        offset,
+        fetching.clone(),
+        batches,
+    )));
 
     let handler = async {
-        let mut committed = offset;
+        let mut handed_over = offset;
         loop {
             let records = tokio::select! {
                 biased;
@@ -349,18 +461,11 @@ async fn read_partition(
                 offset = record_offset + 1;
             }
 
-            if let Some(member) = &member
-                && offset > committed
+            if let Some(handled) = &handled
+                && offset > handed_over
             {
-                match member.lock().await.commit(&[(partition, offset)]).await {
-                    Ok(()) => committed = offset,
-                    Err(error) => {
-                        log_commit_failure(&shared, &topic, partition, offset, &error);
-                        if error.needs_rejoin() {
-                            stop.cancel();
-                        }
-                    }
-                }
+                handled.add(partition, offset);
+                handed_over = offset;
             }
             if interrupted {
                 break;
@@ -369,19 +474,21 @@ async fn read_partition(
         fetching.cancel();
     };
 
-    tokio::join!(fetcher, handler);
+    handler.await;
+    forward_panic(fetcher.await);
 }
 
 /// Fetches batches of records from `offset` on and sends them to `batches` until `stop`
 /// fires, retrying failed fetches with capped backoff.
 async fn fetch_batches(
-    shared: &Shared,
-    topic: &str,
-    client: &PartitionClient,
+    shared: Arc<Shared>,
+    topic: String,
+    client: Arc<PartitionClient>,
     mut offset: i64,
-    stop: &CancellationToken,
+    stop: CancellationToken,
     batches: mpsc::Sender<Vec<RecordAndOffset>>,
 ) {
+    let topic = topic.as_str();
     let partition = client.partition();
     let config = &shared.config;
     let max_wait = i32::try_from(config.fetch_max_wait.as_millis()).unwrap_or(i32::MAX);
@@ -449,19 +556,12 @@ async fn fetch_batches(
     }
 }
 
-fn log_commit_failure(
-    shared: &Shared,
-    topic: &str,
-    partition: i32,
-    offset: i64,
-    error: &GroupError,
-) {
+fn log_commit_failure(shared: &Shared, topic: &str, offsets: &[(i32, i64)], error: &GroupError) {
     tracing::warn!(
         connection = %shared.name,
         driver = %DRIVER,
         topic,
-        partition,
-        offset,
+        offsets = ?offsets,
         error = %error,
         "offset commit failed; records after the last commit will be delivered again"
     );

@@ -20,7 +20,8 @@
 //!   the connection's `group_id`; without either it reads every partition on its own, from the
 //!   end, and commits nothing.
 //! - **Acknowledgement** is the offset commit: each partition is read in order, and the offset
-//!   after the records whose handlers succeeded is committed after each fetched batch. A
+//!   after the records whose handlers succeeded is committed after each fetched batch, every
+//!   partition's in one request that handling does not wait for. A
 //!   record whose handler failed on every attempt is published to the dead-letter topic
 //!   (`{topic}.dlq`) with the error, the attempt count and its partition and offset in its
 //!   headers, then committed, so a poison record never blocks its partition.

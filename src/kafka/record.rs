@@ -63,11 +63,25 @@ pub(crate) fn to_message(topic: &str, partition: i32, fetched: RecordAndOffset) 
     }
 
     Message {
-        id: id.unwrap_or_else(|| format!("{topic}-{partition}-{offset}")),
+        id: id.unwrap_or_else(|| fallback_id(topic, partition, offset)),
         headers,
         body: record.value.map(Bytes::from).unwrap_or_default(),
         timestamp: Message::timestamp_from_millis(record.timestamp.timestamp_millis()),
     }
+}
+
+/// `<topic>-<partition>-<offset>`, built without the formatting machinery: every record from a
+/// client that sets no `message_id` header takes this path.
+fn fallback_id(topic: &str, partition: i32, offset: i64) -> String {
+    let mut digits = itoa::Buffer::new();
+    let partition = digits.format(partition);
+    let mut id = String::with_capacity(topic.len() + partition.len() + 22);
+    id.push_str(topic);
+    id.push('-');
+    id.push_str(partition);
+    id.push('-');
+    id.push_str(digits.format(offset));
+    id
 }
 
 /// The partition the Java client's default partitioner picks for `key`: murmur2 of the key,
