@@ -1,23 +1,39 @@
 //! How a [`Message`] travels as a NATS message: body as payload, everything else in headers.
 
-use std::str::FromStr;
 use std::time::SystemTime;
 
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 
 use super::{MESSAGE_ID_HEADER, ORIGINAL_ID_HEADER, TIMESTAMP_HEADER};
 use crate::message::{Headers, Message};
 
-/// The NATS headers of `message`: its own headers, its id and its timestamp.
+// Reserved names are built once, without the validation and copy a parsed name costs.
+const ORIGINAL_ID: HeaderName = HeaderName::from_static(ORIGINAL_ID_HEADER);
+const TIMESTAMP: HeaderName = HeaderName::from_static(TIMESTAMP_HEADER);
+
+/// The NATS headers and payload of `message`: its own headers, its id and its timestamp.
 ///
-/// Fails, saying why, when a header cannot be written as a NATS header or uses a name the
-/// driver reserves.
-pub(crate) fn encode(message: &Message) -> Result<HeaderMap, String> {
-    let mut headers = user_headers(message)?;
+/// Taking the message lets its header names and values move into the NATS headers instead of
+/// being copied. Fails, saying why, when a header cannot be written as a NATS header or uses a
+/// name the driver reserves.
+pub(crate) fn encode(message: Message) -> Result<(HeaderMap, Bytes), String> {
+    let timestamp = message.timestamp_millis();
+    let mut headers = user_headers(message.headers, timestamp)?;
     headers.insert(
-        header_name(MESSAGE_ID_HEADER)?,
-        header_value(MESSAGE_ID_HEADER, &message.id)?,
+        NATS_MESSAGE_ID,
+        header_value(MESSAGE_ID_HEADER, message.id)?,
+    );
+    Ok((headers, message.body))
+}
+
+/// The NATS headers of `message`, like [`encode`], for a message that is sent more than once.
+pub(crate) fn encode_headers(message: &Message) -> Result<HeaderMap, String> {
+    let mut headers = user_headers(&message.headers, message.timestamp_millis())?;
+    headers.insert(
+        NATS_MESSAGE_ID,
+        header_value(MESSAGE_ID_HEADER, message.id.as_str())?,
     );
     Ok(headers)
 }
@@ -26,34 +42,31 @@ pub(crate) fn encode(message: &Message) -> Result<HeaderMap, String> {
 /// a stream that also holds the original does not drop it as a duplicate. The message's id
 /// travels in the [`ORIGINAL_ID_HEADER`].
 pub(crate) fn encode_dead_letter(message: &Message) -> Result<HeaderMap, String> {
-    let mut headers = user_headers(message)?;
+    let mut headers = user_headers(&message.headers, message.timestamp_millis())?;
     let dedup_id = format!("{}.dead-letter", message.id);
+    headers.insert(NATS_MESSAGE_ID, header_value(MESSAGE_ID_HEADER, dedup_id)?);
     headers.insert(
-        header_name(MESSAGE_ID_HEADER)?,
-        header_value(MESSAGE_ID_HEADER, &dedup_id)?,
-    );
-    headers.insert(
-        header_name(ORIGINAL_ID_HEADER)?,
-        header_value(ORIGINAL_ID_HEADER, &message.id)?,
+        ORIGINAL_ID,
+        header_value(ORIGINAL_ID_HEADER, message.id.as_str())?,
     );
     Ok(headers)
 }
 
-/// The message's own headers and its timestamp.
-fn user_headers(message: &Message) -> Result<HeaderMap, String> {
+/// A message's own headers, moved or copied as `fields` holds them, and its timestamp.
+fn user_headers<K, V>(
+    fields: impl IntoIterator<Item = (K, V)>,
+    timestamp_millis: i64,
+) -> Result<HeaderMap, String>
+where
+    K: AsRef<str> + Into<String>,
+    V: AsRef<str> + Into<String>,
+{
     let mut headers = HeaderMap::new();
-    for (name, value) in &message.headers {
-        if is_reserved(name) {
-            return Err(format!(
-                "the header `{name}` is reserved: the driver carries the message's id and time in it"
-            ));
-        }
-        headers.insert(header_name(name)?, header_value(name, value)?);
+    for (name, value) in fields {
+        let value = header_value(name.as_ref(), value)?;
+        headers.insert(header_name(name)?, value);
     }
-    headers.insert(
-        header_name(TIMESTAMP_HEADER)?,
-        HeaderValue::from(message.timestamp_millis()),
-    );
+    headers.insert(TIMESTAMP, HeaderValue::from(timestamp_millis));
     Ok(headers)
 }
 
@@ -105,18 +118,35 @@ fn is_reserved(name: &str) -> bool {
         .any(|reserved| name.eq_ignore_ascii_case(reserved))
 }
 
-fn header_name(name: &str) -> Result<HeaderName, String> {
-    if name.is_empty() {
+fn header_name(name: impl AsRef<str> + Into<String>) -> Result<HeaderName, String> {
+    let text = name.as_ref();
+    if text.is_empty() {
         return Err("a header name is empty".to_owned());
     }
-    HeaderName::from_str(name).map_err(|_| {
-        format!("`{name}` is not a valid NATS header name (printable ASCII without `:`)")
-    })
+    if is_reserved(text) {
+        return Err(format!(
+            "the header `{text}` is reserved: the driver carries the message's id and time in it"
+        ));
+    }
+    if !text
+        .bytes()
+        .all(|byte| byte.is_ascii_graphic() && byte != b':')
+    {
+        return Err(format!(
+            "`{text}` is not a valid NATS header name (printable ASCII without `:`)"
+        ));
+    }
+    HeaderName::try_from(name.into()).map_err(|error| error.to_string())
 }
 
-fn header_value(name: &str, value: &str) -> Result<HeaderValue, String> {
-    HeaderValue::from_str(value)
-        .map_err(|_| format!("the value of the header `{name}` holds a line break"))
+fn header_value(name: &str, value: impl AsRef<str> + Into<String>) -> Result<HeaderValue, String> {
+    // async-nats panics on a value with a line break, so it is refused here first.
+    if value.as_ref().contains(['\r', '\n']) {
+        return Err(format!(
+            "the value of the header `{name}` holds a line break"
+        ));
+    }
+    Ok(HeaderValue::from(value.into()))
 }
 
 #[cfg(test)]
@@ -130,15 +160,16 @@ mod tests {
             .with_header("trace_id", "t-1")
             .with_header("Content-Type", "text/plain");
 
-        let headers = encode(&message).unwrap();
+        let (headers, body) = encode(message.clone()).unwrap();
         let decoded = decode(
             Some(&headers),
-            message.body.clone(),
+            body,
             || unreachable!("the id travels"),
             || unreachable!("the time travels"),
         );
 
         assert_eq!(decoded, message);
+        assert_eq!(encode_headers(&message).unwrap(), headers);
     }
 
     #[test]
@@ -163,9 +194,9 @@ mod tests {
         let colon = Message::new("x").with_header("a:b", "v");
         let newline = Message::new("x").with_header("a", "v\r\nX: y");
 
-        assert!(encode(&reserved).unwrap_err().contains("reserved"));
-        assert!(encode(&colon).is_err());
-        assert!(encode(&newline).is_err());
+        assert!(encode(reserved).unwrap_err().contains("reserved"));
+        assert!(encode(colon).is_err());
+        assert!(encode(newline).is_err());
     }
 
     #[test]

@@ -101,17 +101,27 @@ fn stream_config(settings: &NatsStreamConfig) -> stream::Config {
 /// Publishes and waits for the stream's acknowledgement, trying again while the server is
 /// unreachable. The message carries its id in `Nats-Msg-Id`, so the stream stores it once
 /// however often it is sent.
+///
+/// `headers` go with the first attempt; a retry gets new ones from `encode`, so a publish that
+/// goes through at once does not pay for a copy kept in case it does not.
 pub(super) async fn publish(
     connection: &str,
     context: &js::Context,
     subject: &str,
     headers: HeaderMap,
     body: Bytes,
+    encode: impl Fn() -> Result<HeaderMap, String>,
 ) -> Result<(), PublishError> {
+    let mut first = Some(headers);
     let mut attempt: u32 = 0;
     loop {
+        let headers = match first.take() {
+            Some(headers) => headers,
+            None => encode()
+                .map_err(|reason| PublishError::with_source(PublishErrorKind::Other, reason))?,
+        };
         let acknowledged = match context
-            .publish_with_headers(subject.to_owned(), headers.clone(), body.clone())
+            .publish_with_headers(subject.to_owned(), headers, body.clone())
             .await
         {
             Ok(ack) => ack.await,
@@ -446,12 +456,14 @@ impl Consumer {
             return super::core::publish(&self.shared.client, target, headers, dead.body.clone())
                 .await;
         };
+        let encode = || codec::encode_dead_letter(dead);
         match publish(
             &self.shared.name,
             context,
             target,
-            headers.clone(),
+            headers,
             dead.body.clone(),
+            encode,
         )
         .await
         {
@@ -464,7 +476,8 @@ impl Consumer {
                     "no stream captures the dead-letter subject: it is published on core NATS \
                      and reaches only current subscribers"
                 );
-                super::core::publish(&self.shared.client, target, headers, dead.body.clone()).await
+                super::core::publish(&self.shared.client, target, encode()?, dead.body.clone())
+                    .await
             }
             Err(error) => Err(error.into()),
         }

@@ -614,24 +614,33 @@ impl Provider for NatsProvider {
         self.check_open(Operation::Publish, topic)?;
         propagation::inject(ctx, &mut message);
         let origin = || self.shared.origin(Operation::Publish, topic);
-        let headers = codec::encode(&message).map_err(|reason| Error::Unsupported {
+        let unsupported = |reason| Error::Unsupported {
             origin: origin(),
             reason,
-        })?;
+        };
 
-        ctx.run(origin, async {
-            match &self.shared.jetstream {
-                None => core::publish(&self.shared.client, topic, headers, message.body)
-                    .await
-                    .map_err(|error| Error::broker(origin(), error)),
-                Some(context) => {
-                    jetstream::publish(&self.shared.name, context, topic, headers, message.body)
+        match &self.shared.jetstream {
+            None => {
+                let (headers, body) = codec::encode(message).map_err(unsupported)?;
+                ctx.run(origin, async {
+                    core::publish(&self.shared.client, topic, headers, body)
                         .await
                         .map_err(|error| Error::broker(origin(), error))
-                }
+                })
+                .await
             }
-        })
-        .await
+            Some(context) => {
+                let headers = codec::encode_headers(&message).map_err(unsupported)?;
+                ctx.run(origin, async {
+                    let encode = || codec::encode_headers(&message);
+                    let body = message.body.clone();
+                    jetstream::publish(&self.shared.name, context, topic, headers, body, encode)
+                        .await
+                        .map_err(|error| Error::broker(origin(), error))
+                })
+                .await
+            }
+        }
     }
 
     async fn subscribe(
