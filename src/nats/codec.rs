@@ -13,13 +13,14 @@ use crate::message::{Headers, Message};
 const ORIGINAL_ID: HeaderName = HeaderName::from_static(ORIGINAL_ID_HEADER);
 const TIMESTAMP: HeaderName = HeaderName::from_static(TIMESTAMP_HEADER);
 
-/// The NATS headers and payload of `message`: its own headers, its id and its timestamp.
+/// The NATS headers and payload of `message`: its own headers, its id and its timestamp (unless
+/// the id holds it, see [`id_millis`]).
 ///
 /// Taking the message lets its header names and values move into the NATS headers instead of
 /// being copied. Fails, saying why, when a header cannot be written as a NATS header or uses a
 /// name the driver reserves.
 pub(crate) fn encode(message: Message) -> Result<(HeaderMap, Bytes), String> {
-    let timestamp = message.timestamp_millis();
+    let timestamp = timestamp_unless_in(&message.id, &message);
     let mut headers = user_headers(message.headers, timestamp)?;
     headers.insert(
         NATS_MESSAGE_ID,
@@ -30,7 +31,8 @@ pub(crate) fn encode(message: Message) -> Result<(HeaderMap, Bytes), String> {
 
 /// The NATS headers of `message`, like [`encode`], for a message that is sent more than once.
 pub(crate) fn encode_headers(message: &Message) -> Result<HeaderMap, String> {
-    let mut headers = user_headers(&message.headers, message.timestamp_millis())?;
+    let timestamp = timestamp_unless_in(&message.id, message);
+    let mut headers = user_headers(&message.headers, timestamp)?;
     headers.insert(
         NATS_MESSAGE_ID,
         header_value(MESSAGE_ID_HEADER, message.id.as_str())?,
@@ -42,7 +44,8 @@ pub(crate) fn encode_headers(message: &Message) -> Result<HeaderMap, String> {
 /// a stream that also holds the original does not drop it as a duplicate. The message's id
 /// travels in the [`ORIGINAL_ID_HEADER`].
 pub(crate) fn encode_dead_letter(message: &Message) -> Result<HeaderMap, String> {
-    let mut headers = user_headers(&message.headers, message.timestamp_millis())?;
+    let timestamp = timestamp_unless_in(&message.id, message);
+    let mut headers = user_headers(&message.headers, timestamp)?;
     let dedup_id = format!("{}.dead-letter", message.id);
     headers.insert(NATS_MESSAGE_ID, header_value(MESSAGE_ID_HEADER, dedup_id)?);
     headers.insert(
@@ -52,10 +55,11 @@ pub(crate) fn encode_dead_letter(message: &Message) -> Result<HeaderMap, String>
     Ok(headers)
 }
 
-/// A message's own headers, moved or copied as `fields` holds them, and its timestamp.
+/// A message's own headers, moved or copied as `fields` holds them, and its timestamp if it
+/// needs a header of its own.
 fn user_headers<K, V>(
     fields: impl IntoIterator<Item = (K, V)>,
-    timestamp_millis: i64,
+    timestamp_millis: Option<i64>,
 ) -> Result<HeaderMap, String>
 where
     K: AsRef<str> + Into<String>,
@@ -66,14 +70,39 @@ where
         let value = header_value(name.as_ref(), value)?;
         headers.insert(header_name(name)?, value);
     }
-    headers.insert(TIMESTAMP, HeaderValue::from(timestamp_millis));
+    if let Some(millis) = timestamp_millis {
+        headers.insert(TIMESTAMP, HeaderValue::from(millis));
+    }
     Ok(headers)
+}
+
+/// The message's timestamp in milliseconds, or `None` when `id` (the id the receiver reads)
+/// holds that same millisecond already.
+fn timestamp_unless_in(id: &str, message: &Message) -> Option<i64> {
+    let millis = message.timestamp_millis();
+    (id_millis(id) != Some(millis)).then_some(millis)
+}
+
+/// The millisecond a UUIDv7 id was made in: its first 48 bits.
+///
+/// [`Message::new`] takes its id and its time from the clock one after the other, so the two
+/// nearly always agree, and such a message travels without the [`TIMESTAMP_HEADER`]: every
+/// header costs the client a map entry and a few allocations on both ends.
+fn id_millis(id: &str) -> Option<i64> {
+    let uuid = uuid::Uuid::try_parse(id).ok()?;
+    if uuid.get_version_num() != 7 {
+        return None;
+    }
+    let bytes = uuid.as_bytes();
+    let mut millis = [0; 8];
+    millis[2..].copy_from_slice(&bytes[..6]);
+    i64::try_from(u64::from_be_bytes(millis)).ok()
 }
 
 /// The [`Message`] a NATS message carries.
 ///
-/// A message from another client may lack the id or time headers: `fallback_id` and
-/// `fallback_time` fill them in.
+/// Without the time header the time is the one a UUIDv7 id holds. A message from another
+/// client may lack the id or time headers: `fallback_id` and `fallback_time` fill them in.
 pub(crate) fn decode(
     headers: Option<&HeaderMap>,
     payload: Bytes,
@@ -104,8 +133,13 @@ pub(crate) fn decode(
         }
     }
 
+    let id = original_id.or(id);
+    let timestamp = timestamp.or_else(|| {
+        let millis = id_millis(id.as_deref()?)?;
+        Some(Message::timestamp_from_millis(millis))
+    });
     Message {
-        id: original_id.or(id).unwrap_or_else(fallback_id),
+        id: id.unwrap_or_else(fallback_id),
         headers: fields,
         body: payload,
         timestamp: timestamp.unwrap_or_else(fallback_time),
@@ -151,6 +185,8 @@ fn header_value(name: &str, value: impl AsRef<str> + Into<String>) -> Result<Hea
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::context::new_id;
 
@@ -170,6 +206,49 @@ mod tests {
 
         assert_eq!(decoded, message);
         assert_eq!(encode_headers(&message).unwrap(), headers);
+    }
+
+    #[test]
+    fn the_time_header_is_left_out_only_when_the_id_holds_the_same_time() {
+        let uuid = "01890a5d-ac96-774b-bcce-b302099a8057";
+        let in_id = Message::timestamp_from_millis(0x0189_0a5d_ac96);
+        let same = Message::new("x").with_id(uuid);
+        let same = Message {
+            timestamp: in_id,
+            ..same
+        };
+        let later = Message {
+            timestamp: in_id + Duration::from_millis(1),
+            ..same.clone()
+        };
+        let not_uuid = Message {
+            timestamp: in_id,
+            ..same.clone().with_id("order-1")
+        };
+
+        for message in [same.clone(), later, not_uuid] {
+            let (headers, body) = encode(message.clone()).unwrap();
+            let decoded = decode(Some(&headers), body, new_id, SystemTime::now);
+
+            assert_eq!(decoded, message);
+            assert_eq!(
+                headers.get(TIMESTAMP_HEADER).is_none(),
+                message == same,
+                "{message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_messages_usually_travel_without_the_time_header() {
+        let carried = (0..100)
+            .filter(|_| {
+                let (headers, _) = encode(Message::new("x")).unwrap();
+                headers.get(TIMESTAMP_HEADER).is_some()
+            })
+            .count();
+
+        assert!(carried < 10, "{carried} of 100 carried the time header");
     }
 
     #[test]
@@ -197,6 +276,25 @@ mod tests {
         assert!(encode(reserved).unwrap_err().contains("reserved"));
         assert!(encode(colon).is_err());
         assert!(encode(newline).is_err());
+    }
+
+    #[test]
+    fn a_foreign_uuid_v7_id_gives_its_time() {
+        let mut headers = HeaderMap::new();
+        headers.insert(MESSAGE_ID_HEADER, "01890a5d-ac96-774b-bcce-b302099a8057");
+        let v4 = "9c5b94b1-35ad-49bb-b118-8e8fc24abf80";
+        let mut other = HeaderMap::new();
+        other.insert(MESSAGE_ID_HEADER, v4);
+        let arrived = Message::timestamp_from_millis(1_700_000_000_123);
+
+        let v7 = decode(Some(&headers), Bytes::new(), new_id, || arrived);
+        let v4 = decode(Some(&other), Bytes::new(), new_id, || arrived);
+
+        assert_eq!(
+            v7.timestamp,
+            Message::timestamp_from_millis(0x0189_0a5d_ac96)
+        );
+        assert_eq!(v4.timestamp, arrived);
     }
 
     #[test]

@@ -13,12 +13,15 @@
 //! - **Id** travels in the [`MESSAGE_ID_HEADER`] (`Nats-Msg-Id`), which JetStream also uses to
 //!   drop duplicate publishes within the stream's duplicate window, so publishing the same
 //!   message twice stores it once. **Timestamp** travels in the [`TIMESTAMP_HEADER`] as
-//!   milliseconds since the Unix epoch. A dead letter keeps its id in the
+//!   milliseconds since the Unix epoch, unless the id is a UUIDv7 made in that same
+//!   millisecond (as ids from [`Message::new`] nearly always are): then the id carries it, and
+//!   the message is one header shorter. A dead letter keeps its id in the
 //!   [`ORIGINAL_ID_HEADER`] and gets a `Nats-Msg-Id` of its own, so a stream that holds the
 //!   original does not drop it as a duplicate. These three names are reserved: a message may
 //!   not carry them as its own headers. A message from another client without them gets the
-//!   id `{stream}:{sequence}` (JetStream) or a fresh id (core), and the time the stream stored
-//!   it (JetStream) or the time it arrived (core).
+//!   id `{stream}:{sequence}` (JetStream) or a fresh id (core), and the time its UUIDv7
+//!   `Nats-Msg-Id` holds, or else the time the stream stored it (JetStream) or the time it
+//!   arrived (core).
 //! - **Trace id** travels in the `trace_id` header (see [`crate::propagation`]).
 //!
 //! Each subscription handles its messages one at a time, in the order they arrive; more
