@@ -174,8 +174,13 @@ fn header_name(name: impl AsRef<str> + Into<String>) -> Result<HeaderName, Strin
 }
 
 fn header_value(name: &str, value: impl AsRef<str> + Into<String>) -> Result<HeaderValue, String> {
-    // async-nats panics on a value with a line break, so it is refused here first.
-    if value.as_ref().contains(['\r', '\n']) {
+    // async-nats panics on a value with a line break, so it is refused here first; bytes are
+    // scanned rather than chars, as a line break is one byte in UTF-8.
+    if value
+        .as_ref()
+        .bytes()
+        .any(|byte| byte == b'\r' || byte == b'\n')
+    {
         return Err(format!(
             "the value of the header `{name}` holds a line break"
         ));
