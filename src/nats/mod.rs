@@ -625,22 +625,26 @@ impl Provider for NatsProvider {
         match &self.shared.jetstream {
             None => {
                 let (headers, body) = codec::encode(message).map_err(unsupported)?;
+                // The client's publish and flush futures take most of a kilobyte: boxed on
+                // their own, they and the publish's own future each stay small enough for the
+                // allocator's per-thread cache, where one future holding both does not.
+                let sent = Box::pin(core::publish(&self.shared.client, topic, headers, body));
                 ctx.run(origin, async {
-                    core::publish(&self.shared.client, topic, headers, body)
-                        .await
-                        .map_err(|error| Error::broker(origin(), error))
+                    sent.await.map_err(|error| Error::broker(origin(), error))
                 })
                 .await
             }
             Some(context) => {
                 let headers = codec::encode_headers(&message).map_err(unsupported)?;
-                ctx.run(origin, async {
+                // Boxed: waiting for the ack, with retries, takes a few kilobytes of state, which
+                // every core publish would otherwise carry and allocate too.
+                Box::pin(ctx.run(origin, async {
                     let encode = || codec::encode_headers(&message);
                     let body = message.body.clone();
                     jetstream::publish(&self.shared.name, context, topic, headers, body, encode)
                         .await
                         .map_err(|error| Error::broker(origin(), error))
-                })
+                }))
                 .await
             }
         }
