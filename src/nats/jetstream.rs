@@ -296,35 +296,45 @@ impl Consumer {
 
     /// Runs the handler on one delivery and acknowledges it as the outcome says.
     async fn handle(&mut self, delivered: js::Message) {
-        let (attempt, sequence, fallback_id, published) = match delivered.info() {
-            Ok(info) => (
-                u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1),
-                Some(info.stream_sequence),
-                format!("{}:{}", info.stream, info.stream_sequence),
-                SystemTime::from(info.published),
-            ),
-            Err(_) => (1, None, new_id(), SystemTime::now()),
+        let info = delivered.info().ok();
+        let attempt = info.as_ref().map_or(1, |info| {
+            u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1)
+        });
+        let sequence = info.as_ref().map(|info| info.stream_sequence);
+        let published = info
+            .as_ref()
+            .map_or_else(SystemTime::now, |info| SystemTime::from(info.published));
+        let fallback_id = || match &info {
+            Some(info) => format!("{}:{}", info.stream, info.stream_sequence),
+            None => new_id(),
         };
         let message = codec::decode(
             delivered.headers.as_ref(),
             delivered.payload.clone(),
-            || fallback_id,
+            fallback_id,
             || published,
         );
+        // The handler takes the message rather than a copy: the id is kept for the ack, and
+        // a message every delivery failed on is decoded again, with the same id and time.
+        let id = message.id.clone();
 
-        let result = self
-            .attempt_in_progress(&delivered, &message, attempt)
-            .await;
+        let result = self.attempt_in_progress(&delivered, message, attempt).await;
         let retry = self.dispatcher.retry();
         match result {
-            Ok(()) => self.acknowledge(&delivered, &message, AckKind::Ack).await,
+            Ok(()) => self.acknowledge(&delivered, &id, AckKind::Ack).await,
             Err(error) if attempt >= retry.attempts.max(1) => {
+                let message = codec::decode(
+                    delivered.headers.as_ref(),
+                    delivered.payload.clone(),
+                    || id,
+                    || published,
+                );
                 self.dead_letter(&delivered, &message, &error.to_string(), attempt)
                     .await;
             }
             Err(_) => {
                 let delay = retry.backoff(attempt);
-                self.acknowledge(&delivered, &message, AckKind::Nak(Some(delay)))
+                self.acknowledge(&delivered, &id, AckKind::Nak(Some(delay)))
                     .await;
             }
         }
@@ -338,15 +348,22 @@ impl Consumer {
     async fn attempt_in_progress(
         &self,
         delivered: &js::Message,
-        message: &Message,
+        message: Message,
         attempt: u32,
     ) -> HandlerResult {
-        let every = (self.shared.config.consumer.ack_wait / 2).max(Duration::from_millis(100));
-        let handled = self.dispatcher.attempt(message.clone(), attempt);
+        let handled = self.dispatcher.attempt(message, attempt);
         tokio::pin!(handled);
+        // Most handlers are done within their first poll; only one that is not needs the
+        // timer, which is set up and torn down in the runtime's shared timer wheel.
+        if let Some(result) = (&mut handled).now_or_never() {
+            return result;
+        }
+
+        let every = (self.shared.config.consumer.ack_wait / 2).max(Duration::from_millis(100));
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
+                biased;
                 result = &mut handled => return result,
                 _ = ticks.tick() => {
                     if let Err(error) = delivered.ack_with(AckKind::Progress).await {
@@ -362,14 +379,14 @@ impl Consumer {
         }
     }
 
-    async fn acknowledge(&self, delivered: &js::Message, message: &Message, kind: AckKind) {
+    async fn acknowledge(&self, delivered: &js::Message, message_id: &str, kind: AckKind) {
         let name = ack_name(&kind);
         if let Err(error) = delivered.ack_with(kind).await {
             tracing::warn!(
                 connection = %self.shared.name,
                 driver = %DRIVER,
                 topic = %self.topic,
-                message_id = %message.id,
+                message_id,
                 ack = name,
                 error = %Error::broker(self.shared.origin(Operation::Ack, &self.topic), error),
                 "acknowledgement not sent: the server will deliver the message again"
@@ -403,7 +420,8 @@ impl Consumer {
                     reason = dropped.reason(),
                     "handler failed on every delivery: message terminated"
                 );
-                self.acknowledge(delivered, message, AckKind::Term).await;
+                self.acknowledge(delivered, &message.id, AckKind::Term)
+                    .await;
                 return;
             }
         };
@@ -425,7 +443,8 @@ impl Consumer {
                     error,
                     "handler failed on every delivery: message dead-lettered"
                 );
-                self.acknowledge(delivered, message, AckKind::Term).await;
+                self.acknowledge(delivered, &message.id, AckKind::Term)
+                    .await;
             }
             Err(publish_error) => {
                 let delay = self.dispatcher.retry().backoff(attempts);
@@ -442,7 +461,7 @@ impl Consumer {
                     retry_in_ms = delay.as_millis(),
                     "dead-lettering failed: the message will be delivered again"
                 );
-                self.acknowledge(delivered, message, AckKind::Nak(Some(delay)))
+                self.acknowledge(delivered, &message.id, AckKind::Nak(Some(delay)))
                     .await;
             }
         }
