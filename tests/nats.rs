@@ -92,11 +92,21 @@ async fn core_round_trip_keeps_every_field() {
             .unwrap();
 
         let sent = Message::new("hello core").with_header("kind", "greeting");
+        // An id and a time of the caller's own: the time cannot come from the id.
+        let chosen = Message {
+            timestamp: Message::timestamp_from_millis(1_600_000_000_123),
+            ..Message::new("chosen").with_id("order-42")
+        };
         let ctx = Context::from_request_id("request-core-1");
         provider.publish(&ctx, &topic, sent.clone()).await.unwrap();
+        provider
+            .publish(&ctx, &topic, chosen.clone())
+            .await
+            .unwrap();
 
-        let got = collect(&mut received, 1).await.remove(0);
-        assert_eq!(got, sent.with_header("trace_id", "request-core-1"));
+        let got = collect(&mut received, 2).await;
+        assert_eq!(got[0], sent.with_header("trace_id", "request-core-1"));
+        assert_eq!(got[1], chosen.with_header("trace_id", "request-core-1"));
         provider.close().await.unwrap();
     })
     .await;
@@ -117,11 +127,18 @@ async fn jetstream_round_trip_keeps_every_field() {
         let sent = Message::new(vec![0_u8, 159, 146, 150])
             .with_header("kind", "binary")
             .with_header("Content-Type", "application/octet-stream");
+        // A UUIDv7 id with a time other than its own.
+        let later = Message {
+            timestamp: sent.timestamp + Duration::from_secs(3_600),
+            ..Message::new("later")
+        };
         let ctx = Context::from_request_id("request-js-1");
         provider.publish(&ctx, &topic, sent.clone()).await.unwrap();
+        provider.publish(&ctx, &topic, later.clone()).await.unwrap();
 
-        let got = collect(&mut received, 1).await.remove(0);
-        assert_eq!(got, sent.with_header("trace_id", "request-js-1"));
+        let got = collect(&mut received, 2).await;
+        assert_eq!(got[0], sent.with_header("trace_id", "request-js-1"));
+        assert_eq!(got[1], later.with_header("trace_id", "request-js-1"));
         provider.close().await.unwrap();
     })
     .await;

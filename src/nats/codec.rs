@@ -1,23 +1,41 @@
 //! How a [`Message`] travels as a NATS message: body as payload, everything else in headers.
 
-use std::str::FromStr;
 use std::time::SystemTime;
 
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 
 use super::{MESSAGE_ID_HEADER, ORIGINAL_ID_HEADER, TIMESTAMP_HEADER};
 use crate::message::{Headers, Message};
 
-/// The NATS headers of `message`: its own headers, its id and its timestamp.
+// Reserved names are built once, without the validation and copy a parsed name costs.
+const ORIGINAL_ID: HeaderName = HeaderName::from_static(ORIGINAL_ID_HEADER);
+const TIMESTAMP: HeaderName = HeaderName::from_static(TIMESTAMP_HEADER);
+
+/// The NATS headers and payload of `message`: its own headers, its id and its timestamp (unless
+/// the id holds it, see [`id_millis`]).
 ///
-/// Fails, saying why, when a header cannot be written as a NATS header or uses a name the
-/// driver reserves.
-pub(crate) fn encode(message: &Message) -> Result<HeaderMap, String> {
-    let mut headers = user_headers(message)?;
+/// Taking the message lets its header names and values move into the NATS headers instead of
+/// being copied. Fails, saying why, when a header cannot be written as a NATS header or uses a
+/// name the driver reserves.
+pub(crate) fn encode(message: Message) -> Result<(HeaderMap, Bytes), String> {
+    let timestamp = timestamp_unless_in(&message.id, &message);
+    let mut headers = user_headers(message.headers, timestamp)?;
     headers.insert(
-        header_name(MESSAGE_ID_HEADER)?,
-        header_value(MESSAGE_ID_HEADER, &message.id)?,
+        NATS_MESSAGE_ID,
+        header_value(MESSAGE_ID_HEADER, message.id)?,
+    );
+    Ok((headers, message.body))
+}
+
+/// The NATS headers of `message`, like [`encode`], for a message that is sent more than once.
+pub(crate) fn encode_headers(message: &Message) -> Result<HeaderMap, String> {
+    let timestamp = timestamp_unless_in(&message.id, message);
+    let mut headers = user_headers(&message.headers, timestamp)?;
+    headers.insert(
+        NATS_MESSAGE_ID,
+        header_value(MESSAGE_ID_HEADER, message.id.as_str())?,
     );
     Ok(headers)
 }
@@ -26,41 +44,65 @@ pub(crate) fn encode(message: &Message) -> Result<HeaderMap, String> {
 /// a stream that also holds the original does not drop it as a duplicate. The message's id
 /// travels in the [`ORIGINAL_ID_HEADER`].
 pub(crate) fn encode_dead_letter(message: &Message) -> Result<HeaderMap, String> {
-    let mut headers = user_headers(message)?;
+    let timestamp = timestamp_unless_in(&message.id, message);
+    let mut headers = user_headers(&message.headers, timestamp)?;
     let dedup_id = format!("{}.dead-letter", message.id);
+    headers.insert(NATS_MESSAGE_ID, header_value(MESSAGE_ID_HEADER, dedup_id)?);
     headers.insert(
-        header_name(MESSAGE_ID_HEADER)?,
-        header_value(MESSAGE_ID_HEADER, &dedup_id)?,
-    );
-    headers.insert(
-        header_name(ORIGINAL_ID_HEADER)?,
-        header_value(ORIGINAL_ID_HEADER, &message.id)?,
+        ORIGINAL_ID,
+        header_value(ORIGINAL_ID_HEADER, message.id.as_str())?,
     );
     Ok(headers)
 }
 
-/// The message's own headers and its timestamp.
-fn user_headers(message: &Message) -> Result<HeaderMap, String> {
+/// A message's own headers, moved or copied as `fields` holds them, and its timestamp if it
+/// needs a header of its own.
+fn user_headers<K, V>(
+    fields: impl IntoIterator<Item = (K, V)>,
+    timestamp_millis: Option<i64>,
+) -> Result<HeaderMap, String>
+where
+    K: AsRef<str> + Into<String>,
+    V: AsRef<str> + Into<String>,
+{
     let mut headers = HeaderMap::new();
-    for (name, value) in &message.headers {
-        if is_reserved(name) {
-            return Err(format!(
-                "the header `{name}` is reserved: the driver carries the message's id and time in it"
-            ));
-        }
-        headers.insert(header_name(name)?, header_value(name, value)?);
+    for (name, value) in fields {
+        let value = header_value(name.as_ref(), value)?;
+        headers.insert(header_name(name)?, value);
     }
-    headers.insert(
-        header_name(TIMESTAMP_HEADER)?,
-        HeaderValue::from(message.timestamp_millis()),
-    );
+    if let Some(millis) = timestamp_millis {
+        headers.insert(TIMESTAMP, HeaderValue::from(millis));
+    }
     Ok(headers)
+}
+
+/// The message's timestamp in milliseconds, or `None` when `id` (the id the receiver reads)
+/// holds that same millisecond already.
+fn timestamp_unless_in(id: &str, message: &Message) -> Option<i64> {
+    let millis = message.timestamp_millis();
+    (id_millis(id) != Some(millis)).then_some(millis)
+}
+
+/// The millisecond a UUIDv7 id was made in: its first 48 bits.
+///
+/// [`Message::new`] takes its id and its time from the clock one after the other, so the two
+/// nearly always agree, and such a message travels without the [`TIMESTAMP_HEADER`]: every
+/// header costs the client a map entry and a few allocations on both ends.
+fn id_millis(id: &str) -> Option<i64> {
+    let uuid = uuid::Uuid::try_parse(id).ok()?;
+    if uuid.get_version_num() != 7 {
+        return None;
+    }
+    let bytes = uuid.as_bytes();
+    let mut millis = [0; 8];
+    millis[2..].copy_from_slice(&bytes[..6]);
+    i64::try_from(u64::from_be_bytes(millis)).ok()
 }
 
 /// The [`Message`] a NATS message carries.
 ///
-/// A message from another client may lack the id or time headers: `fallback_id` and
-/// `fallback_time` fill them in.
+/// Without the time header the time is the one a UUIDv7 id holds. A message from another
+/// client may lack the id or time headers: `fallback_id` and `fallback_time` fill them in.
 pub(crate) fn decode(
     headers: Option<&HeaderMap>,
     payload: Bytes,
@@ -91,8 +133,13 @@ pub(crate) fn decode(
         }
     }
 
+    let id = original_id.or(id);
+    let timestamp = timestamp.or_else(|| {
+        let millis = id_millis(id.as_deref()?)?;
+        Some(Message::timestamp_from_millis(millis))
+    });
     Message {
-        id: original_id.or(id).unwrap_or_else(fallback_id),
+        id: id.unwrap_or_else(fallback_id),
         headers: fields,
         body: payload,
         timestamp: timestamp.unwrap_or_else(fallback_time),
@@ -105,22 +152,46 @@ fn is_reserved(name: &str) -> bool {
         .any(|reserved| name.eq_ignore_ascii_case(reserved))
 }
 
-fn header_name(name: &str) -> Result<HeaderName, String> {
-    if name.is_empty() {
+fn header_name(name: impl AsRef<str> + Into<String>) -> Result<HeaderName, String> {
+    let text = name.as_ref();
+    if text.is_empty() {
         return Err("a header name is empty".to_owned());
     }
-    HeaderName::from_str(name).map_err(|_| {
-        format!("`{name}` is not a valid NATS header name (printable ASCII without `:`)")
-    })
+    if is_reserved(text) {
+        return Err(format!(
+            "the header `{text}` is reserved: the driver carries the message's id and time in it"
+        ));
+    }
+    if !text
+        .bytes()
+        .all(|byte| byte.is_ascii_graphic() && byte != b':')
+    {
+        return Err(format!(
+            "`{text}` is not a valid NATS header name (printable ASCII without `:`)"
+        ));
+    }
+    HeaderName::try_from(name.into()).map_err(|error| error.to_string())
 }
 
-fn header_value(name: &str, value: &str) -> Result<HeaderValue, String> {
-    HeaderValue::from_str(value)
-        .map_err(|_| format!("the value of the header `{name}` holds a line break"))
+fn header_value(name: &str, value: impl AsRef<str> + Into<String>) -> Result<HeaderValue, String> {
+    // async-nats panics on a value with a line break, so it is refused here first; bytes are
+    // scanned rather than chars, as a line break is one byte in UTF-8.
+    if value
+        .as_ref()
+        .bytes()
+        .any(|byte| byte == b'\r' || byte == b'\n')
+    {
+        return Err(format!(
+            "the value of the header `{name}` holds a line break"
+        ));
+    }
+    Ok(HeaderValue::from(value.into()))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::context::new_id;
 
@@ -130,15 +201,59 @@ mod tests {
             .with_header("trace_id", "t-1")
             .with_header("Content-Type", "text/plain");
 
-        let headers = encode(&message).unwrap();
+        let (headers, body) = encode(message.clone()).unwrap();
         let decoded = decode(
             Some(&headers),
-            message.body.clone(),
+            body,
             || unreachable!("the id travels"),
             || unreachable!("the time travels"),
         );
 
         assert_eq!(decoded, message);
+        assert_eq!(encode_headers(&message).unwrap(), headers);
+    }
+
+    #[test]
+    fn the_time_header_is_left_out_only_when_the_id_holds_the_same_time() {
+        let uuid = "01890a5d-ac96-774b-bcce-b302099a8057";
+        let in_id = Message::timestamp_from_millis(0x0189_0a5d_ac96);
+        let same = Message::new("x").with_id(uuid);
+        let same = Message {
+            timestamp: in_id,
+            ..same
+        };
+        let later = Message {
+            timestamp: in_id + Duration::from_millis(1),
+            ..same.clone()
+        };
+        let not_uuid = Message {
+            timestamp: in_id,
+            ..same.clone().with_id("order-1")
+        };
+
+        for message in [same.clone(), later, not_uuid] {
+            let (headers, body) = encode(message.clone()).unwrap();
+            let decoded = decode(Some(&headers), body, new_id, SystemTime::now);
+
+            assert_eq!(decoded, message);
+            assert_eq!(
+                headers.get(TIMESTAMP_HEADER).is_none(),
+                message == same,
+                "{message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_messages_usually_travel_without_the_time_header() {
+        let carried = (0..100)
+            .filter(|_| {
+                let (headers, _) = encode(Message::new("x")).unwrap();
+                headers.get(TIMESTAMP_HEADER).is_some()
+            })
+            .count();
+
+        assert!(carried < 10, "{carried} of 100 carried the time header");
     }
 
     #[test]
@@ -163,9 +278,28 @@ mod tests {
         let colon = Message::new("x").with_header("a:b", "v");
         let newline = Message::new("x").with_header("a", "v\r\nX: y");
 
-        assert!(encode(&reserved).unwrap_err().contains("reserved"));
-        assert!(encode(&colon).is_err());
-        assert!(encode(&newline).is_err());
+        assert!(encode(reserved).unwrap_err().contains("reserved"));
+        assert!(encode(colon).is_err());
+        assert!(encode(newline).is_err());
+    }
+
+    #[test]
+    fn a_foreign_uuid_v7_id_gives_its_time() {
+        let mut headers = HeaderMap::new();
+        headers.insert(MESSAGE_ID_HEADER, "01890a5d-ac96-774b-bcce-b302099a8057");
+        let v4 = "9c5b94b1-35ad-49bb-b118-8e8fc24abf80";
+        let mut other = HeaderMap::new();
+        other.insert(MESSAGE_ID_HEADER, v4);
+        let arrived = Message::timestamp_from_millis(1_700_000_000_123);
+
+        let v7 = decode(Some(&headers), Bytes::new(), new_id, || arrived);
+        let v4 = decode(Some(&other), Bytes::new(), new_id, || arrived);
+
+        assert_eq!(
+            v7.timestamp,
+            Message::timestamp_from_millis(0x0189_0a5d_ac96)
+        );
+        assert_eq!(v4.timestamp, arrived);
     }
 
     #[test]

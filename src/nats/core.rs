@@ -90,16 +90,19 @@ impl Consumer {
 
     /// Handles messages one at a time until `stop` fires.
     pub(super) async fn run(mut self, stop: CancellationToken) {
+        // One wait for the stop, not one per message: each registers with the token.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             let delivered = tokio::select! {
                 biased;
-                _ = stop.cancelled() => break,
+                _ = &mut stopped => break,
                 delivered = self.subscriber.next() => match delivered {
                     Some(delivered) => delivered,
                     None => break,
                 },
             };
-            let subject = delivered.subject.to_string();
+            let subject = delivered.subject;
             let message = codec::decode(
                 delivered.headers.as_ref(),
                 delivered.payload,

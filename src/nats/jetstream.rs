@@ -101,17 +101,27 @@ fn stream_config(settings: &NatsStreamConfig) -> stream::Config {
 /// Publishes and waits for the stream's acknowledgement, trying again while the server is
 /// unreachable. The message carries its id in `Nats-Msg-Id`, so the stream stores it once
 /// however often it is sent.
+///
+/// `headers` go with the first attempt; a retry gets new ones from `encode`, so a publish that
+/// goes through at once does not pay for a copy kept in case it does not.
 pub(super) async fn publish(
     connection: &str,
     context: &js::Context,
     subject: &str,
     headers: HeaderMap,
     body: Bytes,
+    encode: impl Fn() -> Result<HeaderMap, String>,
 ) -> Result<(), PublishError> {
+    let mut first = Some(headers);
     let mut attempt: u32 = 0;
     loop {
+        let headers = match first.take() {
+            Some(headers) => headers,
+            None => encode()
+                .map_err(|reason| PublishError::with_source(PublishErrorKind::Other, reason))?,
+        };
         let acknowledged = match context
-            .publish_with_headers(subject.to_owned(), headers.clone(), body.clone())
+            .publish_with_headers(subject.to_owned(), headers, body.clone())
             .await
         {
             Ok(ack) => ack.await,
@@ -286,35 +296,45 @@ impl Consumer {
 
     /// Runs the handler on one delivery and acknowledges it as the outcome says.
     async fn handle(&mut self, delivered: js::Message) {
-        let (attempt, sequence, fallback_id, published) = match delivered.info() {
-            Ok(info) => (
-                u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1),
-                Some(info.stream_sequence),
-                format!("{}:{}", info.stream, info.stream_sequence),
-                SystemTime::from(info.published),
-            ),
-            Err(_) => (1, None, new_id(), SystemTime::now()),
+        let info = delivered.info().ok();
+        let attempt = info.as_ref().map_or(1, |info| {
+            u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1)
+        });
+        let sequence = info.as_ref().map(|info| info.stream_sequence);
+        let published = info
+            .as_ref()
+            .map_or_else(SystemTime::now, |info| SystemTime::from(info.published));
+        let fallback_id = || match &info {
+            Some(info) => format!("{}:{}", info.stream, info.stream_sequence),
+            None => new_id(),
         };
         let message = codec::decode(
             delivered.headers.as_ref(),
             delivered.payload.clone(),
-            || fallback_id,
+            fallback_id,
             || published,
         );
+        // The handler takes the message rather than a copy: the id is kept for the ack, and
+        // a message every delivery failed on is decoded again, with the same id and time.
+        let id = message.id.clone();
 
-        let result = self
-            .attempt_in_progress(&delivered, &message, attempt)
-            .await;
+        let result = self.attempt_in_progress(&delivered, message, attempt).await;
         let retry = self.dispatcher.retry();
         match result {
-            Ok(()) => self.acknowledge(&delivered, &message, AckKind::Ack).await,
+            Ok(()) => self.acknowledge(&delivered, &id, AckKind::Ack).await,
             Err(error) if attempt >= retry.attempts.max(1) => {
+                let message = codec::decode(
+                    delivered.headers.as_ref(),
+                    delivered.payload.clone(),
+                    || id,
+                    || published,
+                );
                 self.dead_letter(&delivered, &message, &error.to_string(), attempt)
                     .await;
             }
             Err(_) => {
                 let delay = retry.backoff(attempt);
-                self.acknowledge(&delivered, &message, AckKind::Nak(Some(delay)))
+                self.acknowledge(&delivered, &id, AckKind::Nak(Some(delay)))
                     .await;
             }
         }
@@ -328,15 +348,22 @@ impl Consumer {
     async fn attempt_in_progress(
         &self,
         delivered: &js::Message,
-        message: &Message,
+        message: Message,
         attempt: u32,
     ) -> HandlerResult {
-        let every = (self.shared.config.consumer.ack_wait / 2).max(Duration::from_millis(100));
-        let handled = self.dispatcher.attempt(message.clone(), attempt);
+        let handled = self.dispatcher.attempt(message, attempt);
         tokio::pin!(handled);
+        // Most handlers are done within their first poll; only one that is not needs the
+        // timer, which is set up and torn down in the runtime's shared timer wheel.
+        if let Some(result) = (&mut handled).now_or_never() {
+            return result;
+        }
+
+        let every = (self.shared.config.consumer.ack_wait / 2).max(Duration::from_millis(100));
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
+                biased;
                 result = &mut handled => return result,
                 _ = ticks.tick() => {
                     if let Err(error) = delivered.ack_with(AckKind::Progress).await {
@@ -352,14 +379,14 @@ impl Consumer {
         }
     }
 
-    async fn acknowledge(&self, delivered: &js::Message, message: &Message, kind: AckKind) {
+    async fn acknowledge(&self, delivered: &js::Message, message_id: &str, kind: AckKind) {
         let name = ack_name(&kind);
         if let Err(error) = delivered.ack_with(kind).await {
             tracing::warn!(
                 connection = %self.shared.name,
                 driver = %DRIVER,
                 topic = %self.topic,
-                message_id = %message.id,
+                message_id,
                 ack = name,
                 error = %Error::broker(self.shared.origin(Operation::Ack, &self.topic), error),
                 "acknowledgement not sent: the server will deliver the message again"
@@ -393,7 +420,8 @@ impl Consumer {
                     reason = dropped.reason(),
                     "handler failed on every delivery: message terminated"
                 );
-                self.acknowledge(delivered, message, AckKind::Term).await;
+                self.acknowledge(delivered, &message.id, AckKind::Term)
+                    .await;
                 return;
             }
         };
@@ -415,7 +443,8 @@ impl Consumer {
                     error,
                     "handler failed on every delivery: message dead-lettered"
                 );
-                self.acknowledge(delivered, message, AckKind::Term).await;
+                self.acknowledge(delivered, &message.id, AckKind::Term)
+                    .await;
             }
             Err(publish_error) => {
                 let delay = self.dispatcher.retry().backoff(attempts);
@@ -432,7 +461,7 @@ impl Consumer {
                     retry_in_ms = delay.as_millis(),
                     "dead-lettering failed: the message will be delivered again"
                 );
-                self.acknowledge(delivered, message, AckKind::Nak(Some(delay)))
+                self.acknowledge(delivered, &message.id, AckKind::Nak(Some(delay)))
                     .await;
             }
         }
@@ -446,12 +475,14 @@ impl Consumer {
             return super::core::publish(&self.shared.client, target, headers, dead.body.clone())
                 .await;
         };
+        let encode = || codec::encode_dead_letter(dead);
         match publish(
             &self.shared.name,
             context,
             target,
-            headers.clone(),
+            headers,
             dead.body.clone(),
+            encode,
         )
         .await
         {
@@ -464,7 +495,8 @@ impl Consumer {
                     "no stream captures the dead-letter subject: it is published on core NATS \
                      and reaches only current subscribers"
                 );
-                super::core::publish(&self.shared.client, target, headers, dead.body.clone()).await
+                super::core::publish(&self.shared.client, target, encode()?, dead.body.clone())
+                    .await
             }
             Err(error) => Err(error.into()),
         }

@@ -13,12 +13,15 @@
 //! - **Id** travels in the [`MESSAGE_ID_HEADER`] (`Nats-Msg-Id`), which JetStream also uses to
 //!   drop duplicate publishes within the stream's duplicate window, so publishing the same
 //!   message twice stores it once. **Timestamp** travels in the [`TIMESTAMP_HEADER`] as
-//!   milliseconds since the Unix epoch. A dead letter keeps its id in the
+//!   milliseconds since the Unix epoch, unless the id is a UUIDv7 made in that same
+//!   millisecond (as ids from [`Message::new`] nearly always are): then the id carries it, and
+//!   the message is one header shorter. A dead letter keeps its id in the
 //!   [`ORIGINAL_ID_HEADER`] and gets a `Nats-Msg-Id` of its own, so a stream that holds the
 //!   original does not drop it as a duplicate. These three names are reserved: a message may
 //!   not carry them as its own headers. A message from another client without them gets the
-//!   id `{stream}:{sequence}` (JetStream) or a fresh id (core), and the time the stream stored
-//!   it (JetStream) or the time it arrived (core).
+//!   id `{stream}:{sequence}` (JetStream) or a fresh id (core), and the time its UUIDv7
+//!   `Nats-Msg-Id` holds, or else the time the stream stored it (JetStream) or the time it
+//!   arrived (core).
 //! - **Trace id** travels in the `trace_id` header (see [`crate::propagation`]).
 //!
 //! Each subscription handles its messages one at a time, in the order they arrive; more
@@ -614,24 +617,37 @@ impl Provider for NatsProvider {
         self.check_open(Operation::Publish, topic)?;
         propagation::inject(ctx, &mut message);
         let origin = || self.shared.origin(Operation::Publish, topic);
-        let headers = codec::encode(&message).map_err(|reason| Error::Unsupported {
+        let unsupported = |reason| Error::Unsupported {
             origin: origin(),
             reason,
-        })?;
+        };
 
-        ctx.run(origin, async {
-            match &self.shared.jetstream {
-                None => core::publish(&self.shared.client, topic, headers, message.body)
-                    .await
-                    .map_err(|error| Error::broker(origin(), error)),
-                Some(context) => {
-                    jetstream::publish(&self.shared.name, context, topic, headers, message.body)
+        match &self.shared.jetstream {
+            None => {
+                let (headers, body) = codec::encode(message).map_err(unsupported)?;
+                // The client's publish and flush futures take most of a kilobyte: boxed on
+                // their own, they and the publish's own future each stay small enough for the
+                // allocator's per-thread cache, where one future holding both does not.
+                let sent = Box::pin(core::publish(&self.shared.client, topic, headers, body));
+                ctx.run(origin, async {
+                    sent.await.map_err(|error| Error::broker(origin(), error))
+                })
+                .await
+            }
+            Some(context) => {
+                let headers = codec::encode_headers(&message).map_err(unsupported)?;
+                // Boxed: waiting for the ack, with retries, takes a few kilobytes of state, which
+                // every core publish would otherwise carry and allocate too.
+                Box::pin(ctx.run(origin, async {
+                    let encode = || codec::encode_headers(&message);
+                    let body = message.body.clone();
+                    jetstream::publish(&self.shared.name, context, topic, headers, body, encode)
                         .await
                         .map_err(|error| Error::broker(origin(), error))
-                }
+                }))
+                .await
             }
-        })
-        .await
+        }
     }
 
     async fn subscribe(
