@@ -29,9 +29,12 @@ use crate::{
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-/// How long a core consumer may take for one burst before the run fails: core NATS drops
-/// messages a consumer cannot take, and a lost one would otherwise be waited for forever.
-const CORE_CONSUME_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a core consumer may take for one burst before the burst counts as lost: core NATS
+/// drops messages a consumer cannot take, and a lost one would otherwise be waited for forever.
+const CORE_CONSUME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many bursts a core consumer gets before the run fails.
+const CORE_CONSUME_TRIES: usize = 3;
 
 pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult<()> {
     let url = std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
@@ -71,8 +74,8 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
         "nats",
         "core consume",
         messages,
-        || consume_core_broker(&core, &client, messages),
-        || consume_core_native(&client, messages),
+        || tolerating_loss("broker", || consume_core_broker(&core, &client, messages)),
+        || tolerating_loss("async-nats", || consume_core_native(&client, messages)),
     )
     .await?;
 
@@ -253,6 +256,28 @@ async fn burst(client: &async_nats::Client, subject: &str, messages: usize) -> B
     Ok(())
 }
 
+/// Runs one core consume side, again with a fresh burst when messages were lost: either
+/// client may lose some when the shared machine starves it, and the figure is about speed.
+async fn tolerating_loss<F, Fut>(side: &str, mut consume: F) -> BenchResult<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = BenchResult<Duration>>,
+{
+    let mut tries = 1;
+    loop {
+        match consume().await {
+            Ok(elapsed) => return Ok(elapsed),
+            Err(error) if tries < CORE_CONSUME_TRIES => {
+                eprintln!(
+                    "nats core consume, {side}: {error}; core NATS drops what a slow consumer cannot take, so the burst runs again"
+                );
+                tries += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// How long a core subscription of `broker` takes to handle a burst of `messages` messages,
 /// timed from the first publish to the last message handled.
 async fn consume_core_broker(
@@ -321,9 +346,13 @@ async fn consume_core_native(
         count
     });
     burst(publisher, &subject, messages).await?;
+    let abort = reader.abort_handle();
     let count = tokio::time::timeout(CORE_CONSUME_TIMEOUT, reader)
         .await
-        .map_err(|_| "the native core subscriber did not get every message")??;
+        .map_err(|_| {
+            abort.abort();
+            "the native core subscriber did not get every message"
+        })??;
     let elapsed = start.elapsed();
     assert_eq!(count, messages, "native core subscriber read every message");
     Ok(elapsed)
