@@ -173,13 +173,30 @@ impl Dispatcher {
 
     /// Runs the handler until it succeeds or the retry policy gives up, waiting between
     /// attempts. A stop requested while waiting interrupts the retries.
-    pub async fn dispatch(&self, message: &Message, stop: &CancellationToken) -> Outcome {
+    ///
+    /// `delivered` makes the message for each attempt, because the handler takes it and a
+    /// retry needs it again. A driver that rebuilds it from what the broker delivered copies
+    /// nothing when the first attempt succeeds, as nearly every attempt does.
+    pub async fn dispatch<F>(&self, delivered: F, stop: &CancellationToken) -> Outcome
+    where
+        F: Fn() -> Message + Sync,
+    {
+        match self.attempt(delivered(), 1).await {
+            Ok(()) => Outcome::Handled,
+            // Boxed: the retries' timer would otherwise weigh on every message's future.
+            Err(error) => Box::pin(self.retry_after(&delivered, error, stop)).await,
+        }
+    }
+
+    /// The attempts after a failed first one.
+    async fn retry_after(
+        &self,
+        delivered: &(dyn Fn() -> Message + Sync),
+        mut error: BoxError,
+        stop: &CancellationToken,
+    ) -> Outcome {
         let mut attempt = 1;
         loop {
-            let error = match self.attempt(message.clone(), attempt).await {
-                Ok(()) => return Outcome::Handled,
-                Err(error) => error,
-            };
             if attempt >= self.retry.attempts.max(1) {
                 return Outcome::Failed {
                     error,
@@ -194,6 +211,11 @@ impl Dispatcher {
                 _ = tokio::time::sleep(delay) => {}
             }
             attempt += 1;
+
+            error = match self.attempt(delivered(), attempt).await {
+                Ok(()) => return Outcome::Handled,
+                Err(error) => error,
+            };
         }
     }
 }

@@ -266,7 +266,7 @@ impl Consumer {
                 },
             };
 
-            match self.dispatcher.dispatch(&message, &stop).await {
+            match self.dispatcher.dispatch(|| message.clone(), &stop).await {
                 Outcome::Handled => {}
                 Outcome::Failed { error, attempts } => {
                     self.dead_letter(&message, &error.to_string(), attempts)

@@ -1,6 +1,7 @@
 //! The one message type every driver sends and delivers.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -34,7 +35,7 @@ impl Message {
             id: new_id(),
             headers: Headers::new(),
             body: body.into(),
-            timestamp: truncate_to_millis(SystemTime::now()),
+            timestamp: Message::now(),
         }
     }
 
@@ -74,6 +75,11 @@ impl Message {
             })
     }
 
+    /// The current time in whole milliseconds, as a message's timestamp holds it.
+    pub(crate) fn now() -> SystemTime {
+        truncate_to_millis(SystemTime::now())
+    }
+
     /// The time `millis` milliseconds after the Unix epoch, as drivers read it off the wire.
     pub fn timestamp_from_millis(millis: i64) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0))
@@ -85,6 +91,46 @@ fn truncate_to_millis(time: SystemTime) -> SystemTime {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis());
     UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
+}
+
+/// The id and time a delivered message is given when it arrives without them.
+///
+/// A driver builds a delivered message again for each attempt of its handler and for its dead
+/// letter; each of those builds must see the same id and time. They are made on first use, so
+/// messages that carry their own cost nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Fallback {
+    id: OnceLock<String>,
+    time: OnceLock<SystemTime>,
+}
+
+impl Fallback {
+    /// A fresh id, the same on every call.
+    pub(crate) fn id(&self) -> String {
+        self.id.get_or_init(new_id).clone()
+    }
+
+    /// The time of the first call.
+    pub(crate) fn time(&self) -> SystemTime {
+        *self.time.get_or_init(Message::now)
+    }
+}
+
+/// The millisecond a UUIDv7 id was made in (its first 48 bits), or `None` for other ids.
+///
+/// [`Message::new`] takes its id and its time from the clock one after the other, so the two
+/// nearly always agree. Drivers then leave the time out of the message's headers and read it
+/// back from the id: every header costs the client a map entry and a few allocations on both
+/// ends.
+pub(crate) fn id_millis(id: &str) -> Option<i64> {
+    let uuid = uuid::Uuid::try_parse(id).ok()?;
+    if uuid.get_version_num() != 7 {
+        return None;
+    }
+    let bytes = uuid.as_bytes();
+    let mut millis = [0; 8];
+    millis[2..].copy_from_slice(&bytes[..6]);
+    i64::try_from(u64::from_be_bytes(millis)).ok()
 }
 
 #[cfg(test)]
@@ -101,6 +147,17 @@ mod tests {
             Message::timestamp_from_millis(a.timestamp_millis()),
             a.timestamp
         );
+    }
+
+    #[test]
+    fn a_new_message_id_holds_its_millisecond() {
+        let message = Message::new("a");
+
+        let millis = id_millis(&message.id).unwrap();
+
+        assert!((message.timestamp_millis() - millis).abs() <= 1);
+        assert_eq!(id_millis("not-a-uuid"), None);
+        assert_eq!(id_millis("67e55044-10b1-426f-9247-bb680e5fe0c8"), None);
     }
 
     #[test]

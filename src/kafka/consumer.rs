@@ -439,7 +439,7 @@ async fn read_partition(
                 }
                 let record_offset = record.offset;
                 let message = to_message(&topic, partition, record);
-                let done = match dispatcher.dispatch(&message, &stop).await {
+                let done = match dispatcher.dispatch(|| message.clone(), &stop).await {
                     Outcome::Handled => true,
                     Outcome::Failed { error, attempts } => {
                         let dead = dead_letter(

@@ -7,14 +7,14 @@ use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 
 use super::{MESSAGE_ID_HEADER, ORIGINAL_ID_HEADER, TIMESTAMP_HEADER};
-use crate::message::{Headers, Message};
+use crate::message::{Headers, Message, id_millis};
 
 // Reserved names are built once, without the validation and copy a parsed name costs.
 const ORIGINAL_ID: HeaderName = HeaderName::from_static(ORIGINAL_ID_HEADER);
 const TIMESTAMP: HeaderName = HeaderName::from_static(TIMESTAMP_HEADER);
 
 /// The NATS headers and payload of `message`: its own headers, its id and its timestamp (unless
-/// the id holds it, see [`id_millis`]).
+/// its UUIDv7 id holds the same millisecond).
 ///
 /// Taking the message lets its header names and values move into the NATS headers instead of
 /// being copied. Fails, saying why, when a header cannot be written as a NATS header or uses a
@@ -81,22 +81,6 @@ where
 fn timestamp_unless_in(id: &str, message: &Message) -> Option<i64> {
     let millis = message.timestamp_millis();
     (id_millis(id) != Some(millis)).then_some(millis)
-}
-
-/// The millisecond a UUIDv7 id was made in: its first 48 bits.
-///
-/// [`Message::new`] takes its id and its time from the clock one after the other, so the two
-/// nearly always agree, and such a message travels without the [`TIMESTAMP_HEADER`]: every
-/// header costs the client a map entry and a few allocations on both ends.
-fn id_millis(id: &str) -> Option<i64> {
-    let uuid = uuid::Uuid::try_parse(id).ok()?;
-    if uuid.get_version_num() != 7 {
-        return None;
-    }
-    let bytes = uuid.as_bytes();
-    let mut millis = [0; 8];
-    millis[2..].copy_from_slice(&bytes[..6]);
-    i64::try_from(u64::from_be_bytes(millis)).ok()
 }
 
 /// The [`Message`] a NATS message carries.

@@ -1,7 +1,6 @@
 //! Core NATS: flushed publishes and plain or queue-group subscriptions, at most once.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use async_nats::{Client, HeaderMap, Subscriber};
 use bytes::Bytes;
@@ -9,10 +8,9 @@ use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::{DEAD_LETTER_TIMEOUT, DRIVER, DeadLetter, Shared, codec};
-use crate::context::new_id;
 use crate::error::{BoxError, Error, Operation, Result};
 use crate::handler::{Dispatcher, Outcome};
-use crate::message::Message;
+use crate::message::{Fallback, Message};
 use crate::propagation;
 
 /// Sends a message and waits until the client has flushed it to the server.
@@ -103,20 +101,26 @@ impl Consumer {
                 },
             };
             let subject = delivered.subject;
-            let message = codec::decode(
-                delivered.headers.as_ref(),
-                delivered.payload,
-                new_id,
-                SystemTime::now,
-            );
+            let fallback = Fallback::default();
+            let message = || {
+                codec::decode(
+                    delivered.headers.as_ref(),
+                    delivered.payload.clone(),
+                    || fallback.id(),
+                    || fallback.time(),
+                )
+            };
 
-            match self.dispatcher.dispatch(&message, &stop).await {
+            match self.dispatcher.dispatch(message, &stop).await {
                 Outcome::Handled => {}
                 Outcome::Failed { error, attempts } => {
-                    self.dead_letter(&subject, &message, &error.to_string(), attempts)
+                    // Boxed: dead-lettering is rare, and its publish would otherwise weigh on
+                    // every message's future.
+                    Box::pin(self.dead_letter(&subject, &message(), &error.to_string(), attempts))
                         .await;
                 }
                 Outcome::Interrupted => {
+                    let message = message();
                     tracing::warn!(
                         connection = %self.shared.name,
                         driver = %DRIVER,

@@ -1,11 +1,11 @@
 //! How a [`Message`] travels as AMQP properties, headers and body.
 
 use amqprs::{BasicProperties, DELIVERY_MODE_PERSISTENT, FieldTable, FieldValue, ShortStr};
+use bytes::Bytes;
 
 use super::DRIVER;
 use super::error::RabbitMqError;
-use crate::context::new_id;
-use crate::message::{Headers, Message};
+use crate::message::{Fallback, Headers, Message, id_millis};
 
 /// The header that keeps the timestamp's milliseconds: AMQP's `timestamp` has whole seconds.
 pub(super) const TIMESTAMP_MS_HEADER: &str = "x-broker-timestamp-ms";
@@ -41,8 +41,12 @@ pub(super) fn check(message: &Message) -> Result<(), RabbitMqError> {
     Ok(())
 }
 
-/// The properties of `message`: persistent, with its id, its time in seconds (and in
-/// milliseconds in a header) and every header as a long string. The body goes as it is.
+/// The properties of `message`: persistent, with its id, its time in seconds and every header
+/// as a long string. The body goes as it is.
+///
+/// AMQP's `timestamp` has whole seconds. The milliseconds travel in the id when it is a UUIDv7
+/// of the same millisecond, as [`Message::new`] makes them, and otherwise in the
+/// [`TIMESTAMP_MS_HEADER`]: a header costs both clients and the server a table entry.
 pub(super) fn encode(message: &Message) -> Result<BasicProperties, RabbitMqError> {
     check_short("a message id", &message.id)?;
 
@@ -57,7 +61,9 @@ pub(super) fn encode(message: &Message) -> Result<BasicProperties, RabbitMqError
         table.insert(name, FieldValue::S(value));
     }
     let millis = message.timestamp_millis();
-    if let Some(name) = short(TIMESTAMP_MS_HEADER) {
+    if id_millis(&message.id) != Some(millis)
+        && let Some(name) = short(TIMESTAMP_MS_HEADER)
+    {
         table.insert(name, FieldValue::l(millis));
     }
 
@@ -72,10 +78,13 @@ pub(super) fn encode(message: &Message) -> Result<BasicProperties, RabbitMqError
     Ok(properties)
 }
 
-/// The message a delivery carries. Missing pieces are filled in: a fresh id, the time from the
-/// `timestamp` property or else now. Headers of any AMQP type become text; arrays and tables,
+/// The message a delivery carries. Missing pieces are filled in: the id from `fallback`, the
+/// time from the `timestamp` property or else from `fallback`. Headers of any AMQP type become text; arrays and tables,
 /// which have no single text form, are skipped with a debug log.
-pub(super) fn decode(properties: &BasicProperties, body: Vec<u8>) -> Message {
+///
+/// The time is the [`TIMESTAMP_MS_HEADER`] when there is one, else the millisecond of a UUIDv7
+/// id that falls in the `timestamp` property's second, else that second.
+pub(super) fn decode(properties: &BasicProperties, body: Bytes, fallback: &Fallback) -> Message {
     let mut headers = Headers::new();
     let mut millis = None;
     if let Some(table) = properties.headers() {
@@ -98,23 +107,23 @@ pub(super) fn decode(properties: &BasicProperties, body: Vec<u8>) -> Message {
         }
     }
 
-    let mut message = Message::new(body);
-    message.headers = headers;
-    if let Some(id) = properties.message_id() {
-        message.id = id.clone();
-    } else {
-        message.id = new_id();
-    }
+    let id = properties.message_id();
+    let seconds = properties
+        .timestamp()
+        .and_then(|seconds| i64::try_from(seconds).ok());
     let millis = millis.or_else(|| {
-        properties
-            .timestamp()
-            .and_then(|seconds| i64::try_from(seconds).ok())
-            .map(|seconds| seconds.saturating_mul(1000))
+        let seconds = seconds?;
+        let in_id = id
+            .and_then(|id| id_millis(id))
+            .filter(|millis| millis.div_euclid(1000) == seconds);
+        Some(in_id.unwrap_or_else(|| seconds.saturating_mul(1000)))
     });
-    if let Some(millis) = millis {
-        message.timestamp = Message::timestamp_from_millis(millis);
+    Message {
+        id: id.cloned().unwrap_or_else(|| fallback.id()),
+        headers,
+        body,
+        timestamp: millis.map_or_else(|| fallback.time(), Message::timestamp_from_millis),
     }
-    message
 }
 
 fn short(text: &str) -> Option<ShortStr> {
@@ -192,7 +201,7 @@ mod tests {
             .with_header("trace_id", "t");
 
         let properties = encode(&message).unwrap();
-        let decoded = decode(&properties, message.body.to_vec());
+        let decoded = decode(&properties, message.body.clone(), &Fallback::default());
 
         assert_eq!(decoded, message);
     }
@@ -209,7 +218,7 @@ mod tests {
         );
         let properties = BasicProperties::default().with_headers(table).finish();
 
-        let message = decode(&properties, b"x".to_vec());
+        let message = decode(&properties, Bytes::from_static(b"x"), &Fallback::default());
 
         assert_eq!(message.header("n"), Some("-5"));
         assert_eq!(message.header("b"), Some("true"));

@@ -8,6 +8,7 @@ use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicNackArguments, BasicQosArguments, Channel,
     ConsumerMessage,
 };
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -19,7 +20,7 @@ use super::error::RabbitMqError;
 use super::topology::{ChannelWatch, QueueSpec, declare_subscription};
 use super::{DRIVER, Inner};
 use crate::handler::{Dispatcher, Outcome};
-use crate::message::Message;
+use crate::message::{Fallback, Message};
 use crate::propagation;
 
 /// How long dead-lettering waits for the dead-letter exchange's confirm.
@@ -179,14 +180,23 @@ impl Consumer {
         } = live;
         let limit = usize::from(self.inner.config.concurrency.max(1));
         let mut running = FuturesUnordered::new();
+        // One wait for each, not one per delivery: each registers with its token.
+        let stopped = stop.cancelled();
+        let lost = session.lost.cancelled();
+        tokio::pin!(stopped, lost);
 
         let ended = loop {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => break Ended::Stopped,
+                _ = &mut stopped => break Ended::Stopped,
                 Some(()) = running.next(), if !running.is_empty() => {}
-                _ = session.lost.cancelled() => break Ended::Lost,
+                _ = &mut lost => break Ended::Lost,
                 delivery = deliveries.recv(), if running.len() < limit => match delivery {
+                    // One at a time, the handler runs right here: a set of running handlers
+                    // would cost an allocation per delivery.
+                    Some(delivery) if limit == 1 => {
+                        self.handle(&session, &channel, delivery, stop).await;
+                    }
                     Some(delivery) => running.push(self.handle(&session, &channel, delivery, stop)),
                     None => {
                         tracing::warn!(
@@ -232,14 +242,18 @@ impl Consumer {
         };
         let tag = deliver.delivery_tag();
         let properties = basic_properties.unwrap_or_default();
-        let message = codec::decode(&properties, content.unwrap_or_default());
+        let body = Bytes::from(content.unwrap_or_default());
+        let fallback = Fallback::default();
+        let delivered = || codec::decode(&properties, body.clone(), &fallback);
 
-        let settle = match self.dispatcher.dispatch(&message, stop).await {
+        let settle = match self.dispatcher.dispatch(delivered, stop).await {
             Outcome::Handled => Settle::Ack,
             Outcome::Failed { error, attempts } => {
-                let dead = self
-                    .dead_letter(session, &message, &error.to_string(), attempts)
-                    .await;
+                // Boxed: dead-lettering is rare, and its publish would otherwise weigh on
+                // every delivery's future.
+                let dead =
+                    Box::pin(self.dead_letter(session, &delivered(), &error.to_string(), attempts))
+                        .await;
                 if dead { Settle::Ack } else { Settle::Reject }
             }
             Outcome::Interrupted => Settle::Requeue,
