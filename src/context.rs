@@ -1,7 +1,7 @@
 //! The request context every operation takes: request id, trace id, cancellation, deadline.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -24,7 +24,10 @@ pub struct Context {
     // delivered message, and the request and trace ids are usually the same text.
     request_id: Arc<str>,
     trace_id: Arc<str>,
-    cancel: CancellationToken,
+    // Made on first use: most contexts of delivered messages are never cancelled nor waited
+    // on, and a token costs a lock when it is dropped. Clones share the cell, so a token made
+    // through one clone is the one every clone sees.
+    cancel: Arc<OnceLock<CancellationToken>>,
     deadline: Option<Instant>,
 }
 
@@ -55,7 +58,7 @@ impl Context {
         Context {
             request_id: Arc::clone(&id),
             trace_id: id,
-            cancel: CancellationToken::new(),
+            cancel: Arc::default(),
             deadline: None,
         }
     }
@@ -85,7 +88,7 @@ impl Context {
     /// Cancelling this context cancels the child too.
     pub fn child(&self) -> Self {
         Context {
-            cancel: self.cancel.child_token(),
+            cancel: Arc::new(OnceLock::from(self.token().child_token())),
             ..self.clone()
         }
     }
@@ -113,17 +116,25 @@ impl Context {
 
     /// Cancels this context, its clones and its children.
     pub fn cancel(&self) {
-        self.cancel.cancel();
+        self.token().cancel();
     }
 
     /// The cancellation token, for code that selects on it directly.
     pub fn cancellation_token(&self) -> &CancellationToken {
-        &self.cancel
+        self.token()
+    }
+
+    fn token(&self) -> &CancellationToken {
+        self.cancel.get_or_init(CancellationToken::new)
     }
 
     /// Why the context has stopped, or `None` while it is still live.
     pub fn stopped(&self) -> Option<Stop> {
-        if self.cancel.is_cancelled() {
+        if self
+            .cancel
+            .get()
+            .is_some_and(CancellationToken::is_cancelled)
+        {
             Some(Stop::Cancelled)
         } else if self
             .deadline
@@ -140,11 +151,11 @@ impl Context {
         match self.deadline {
             Some(deadline) => tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => Stop::Cancelled,
+                _ = self.token().cancelled() => Stop::Cancelled,
                 _ = tokio::time::sleep_until(deadline) => Stop::DeadlineExceeded,
             },
             None => {
-                self.cancel.cancelled().await;
+                self.token().cancelled().await;
                 Stop::Cancelled
             }
         }
@@ -183,4 +194,48 @@ pub(crate) fn new_id() -> String {
         .hyphenated()
         .encode_lower(&mut Uuid::encode_buffer())
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_clone_cancelled_before_anyone_waited_stops_every_clone() {
+        let ctx = Context::new();
+        let renamed = ctx.clone().with_trace_id("other");
+
+        renamed.cancel();
+
+        assert_eq!(ctx.stopped(), Some(Stop::Cancelled));
+        assert_eq!(ctx.done().await, Stop::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_context_wakes_when_a_clone_is_cancelled() {
+        let ctx = Context::new();
+        let waiting = tokio::spawn({
+            let ctx = ctx.clone();
+            async move { ctx.done().await }
+        });
+        tokio::task::yield_now().await;
+
+        ctx.clone().cancel();
+
+        assert_eq!(waiting.await.unwrap(), Stop::Cancelled);
+    }
+
+    #[test]
+    fn cancelling_a_child_leaves_the_parent_live_and_not_the_other_way() {
+        let parent = Context::new();
+        let child = parent.child();
+        let other_child = parent.child();
+
+        child.cancel();
+        assert_eq!(parent.stopped(), None);
+        assert_eq!(other_child.stopped(), None);
+
+        parent.cancel();
+        assert_eq!(other_child.stopped(), Some(Stop::Cancelled));
+    }
 }
