@@ -17,7 +17,7 @@ use std::time::Duration;
 use broker::config::{ExchangeKind, RabbitMqConfig, SecretUrl};
 use broker::rabbitmq::amqprs::channel::{
     BasicGetArguments, BasicPublishArguments, Channel, ExchangeDeclareArguments,
-    ExchangeDeleteArguments, ExchangeType, QueueDeleteArguments,
+    ExchangeDeleteArguments, ExchangeType, QueueDeclareArguments, QueueDeleteArguments,
 };
 use broker::rabbitmq::amqprs::{BasicProperties, FieldTable, FieldValue};
 use broker::rabbitmq::{RabbitMqError, RabbitMqProvider};
@@ -311,6 +311,73 @@ async fn many_publishes_in_flight_are_each_confirmed() {
         &[format!("{topic}.counter"), format!("{topic}.dlq")],
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_subscription_stopped_amid_a_backlog_puts_back_only_what_it_did_not_handle() {
+    let provider = connect(config()).await;
+    let topic = unique("backlog");
+    let queue = format!("{topic}.workers");
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+
+    // The group's queue exists first, so the backlog waits in it and arrives in bursts, as
+    // the acknowledgements of a run of handled deliveries are sent together.
+    provider
+        .subscribe_group_fn(&ctx(), &topic, "workers", forward(0, sender.clone()))
+        .await
+        .unwrap()
+        .stop()
+        .await;
+    let ctx = ctx();
+    let publishes = (0..500).map(|i| provider.publish(&ctx, &topic, Message::new(format!("{i}"))));
+    let results = futures_util::future::join_all(publishes).await;
+    assert!(results.iter().all(Result::is_ok));
+
+    // A handler slow enough for the stop to come amid the backlog.
+    let slow = move |_: Context, message: Message| {
+        let sender = sender.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let _ = sender.send((0, message));
+            Ok::<(), std::io::Error>(())
+        }
+    };
+    let subscription = provider
+        .subscribe_group_fn(&ctx, &topic, "workers", slow)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got.push(receive(&mut receiver).await.1.body);
+    }
+    subscription.stop().await;
+    got.extend(
+        drain(&mut receiver)
+            .await
+            .into_iter()
+            .map(|(_, message)| message.body),
+    );
+    let expected: Vec<_> = (0..got.len())
+        .map(|i| bytes::Bytes::from(format!("{i}")))
+        .collect();
+    assert_eq!(got, expected, "one at a time, in order");
+    assert!(got.len() < 500, "the stop came amid the backlog");
+
+    // Stopping closed the channel, which put back every delivery still unacknowledged.
+    let channel = provider.open_channel(&ctx).await.unwrap();
+    let (_, waiting, _) = channel
+        .queue_declare(QueueDeclareArguments::new(&queue).passive(true).finish())
+        .await
+        .expect("the group queue exists")
+        .expect("the server answers the declaration");
+    let _ = channel.close().await;
+    assert_eq!(
+        waiting as usize,
+        500 - got.len(),
+        "every handled message was acknowledged and every other one put back"
+    );
+
+    clean_up(provider, &[queue, format!("{topic}.dlq")]).await;
 }
 
 #[tokio::test]

@@ -180,6 +180,7 @@ impl Consumer {
         } = live;
         let limit = usize::from(self.inner.config.concurrency.max(1));
         let mut running = FuturesUnordered::new();
+        let mut in_order = InOrderAcks::new(self.inner.config.prefetch);
         // One wait for each, not one per delivery: each registers with its token.
         let stopped = stop.cancelled();
         let lost = session.lost.cancelled();
@@ -195,9 +196,16 @@ impl Consumer {
                     // One at a time, the handler runs right here: a set of running handlers
                     // would cost an allocation per delivery.
                     Some(delivery) if limit == 1 => {
-                        self.handle(&session, &channel, delivery, stop).await;
+                        if let Some((tag, settle)) = self.handle(&session, delivery, stop).await {
+                            let waiting = !deliveries.is_empty();
+                            in_order.settle(self, &channel, tag, settle, waiting).await;
+                        }
                     }
-                    Some(delivery) => running.push(self.handle(&session, &channel, delivery, stop)),
+                    Some(delivery) => running.push(async {
+                        if let Some((tag, settle)) = self.handle(&session, delivery, stop).await {
+                            self.settle(&channel, tag, settle).await;
+                        }
+                    }),
                     None => {
                         tracing::warn!(
                             connection = %self.inner.name,
@@ -216,6 +224,7 @@ impl Consumer {
         // a loss their acknowledgements fail and the server delivers those messages again.
         while running.next().await.is_some() {}
         drop(running);
+        in_order.flush(self, &channel).await;
         if let Ended::Stopped = ended {
             // Deliveries not yet handled go back to the queue when the channel closes.
             close_channel(channel).await;
@@ -223,23 +232,20 @@ impl Consumer {
         ended
     }
 
-    /// Runs the handler on one delivery and acknowledges it as its outcome says.
+    /// Runs the handler on one delivery; returns its tag and how to settle it.
     async fn handle(
         &self,
         session: &Arc<Session>,
-        channel: &Channel,
         delivery: ConsumerMessage,
         stop: &CancellationToken,
-    ) {
+    ) -> Option<(u64, Settle)> {
         let ConsumerMessage {
             deliver,
             basic_properties,
             content,
             ..
         } = delivery;
-        let Some(deliver) = deliver else {
-            return;
-        };
+        let deliver = deliver?;
         let tag = deliver.delivery_tag();
         let properties = basic_properties.unwrap_or_default();
         let body = Bytes::from(content.unwrap_or_default());
@@ -258,7 +264,7 @@ impl Consumer {
             }
             Outcome::Interrupted => Settle::Requeue,
         };
-        self.settle(channel, tag, settle).await;
+        Some((tag, settle))
     }
 
     /// Publishes the failed message, with its error headers, to the dead-letter exchange and
@@ -320,6 +326,7 @@ impl Consumer {
     async fn settle(&self, channel: &Channel, tag: u64, settle: Settle) {
         let result = match settle {
             Settle::Ack => channel.basic_ack(BasicAckArguments::new(tag, false)).await,
+            Settle::AckThrough => channel.basic_ack(BasicAckArguments::new(tag, true)).await,
             Settle::Reject => {
                 channel
                     .basic_nack(BasicNackArguments::new(tag, false, false))
@@ -346,7 +353,62 @@ impl Consumer {
 
 enum Settle {
     Ack,
+    /// One `basic.ack` for this delivery and every earlier one on the channel.
+    AckThrough,
     /// `basic.nack` without requeue: the queue's dead-letter exchange takes it.
     Reject,
     Requeue,
+}
+
+/// Acknowledgements of deliveries handled one at a time, in order: a run of handled
+/// deliveries is acknowledged at once, with one `multiple` ack for the last of them.
+///
+/// The run ends when no further delivery is waiting (so a quiet queue acknowledges each message
+/// right away), when it reaches half the prefetch (so the server never stalls for acks), and
+/// before any delivery that is rejected or requeued. A handled delivery whose ack is still
+/// waiting is delivered again if the connection is lost meanwhile, as one whose handler was
+/// still running would be.
+struct InOrderAcks {
+    last_handled: Option<u64>,
+    count: u16,
+    most: u16,
+}
+
+impl InOrderAcks {
+    fn new(prefetch: u16) -> Self {
+        InOrderAcks {
+            last_handled: None,
+            count: 0,
+            most: (prefetch / 2).max(1),
+        }
+    }
+
+    /// Settles the delivery `tag`; `waiting` says whether another delivery has arrived.
+    async fn settle(
+        &mut self,
+        consumer: &Consumer,
+        channel: &Channel,
+        tag: u64,
+        settle: Settle,
+        waiting: bool,
+    ) {
+        if let Settle::Ack = settle {
+            self.last_handled = Some(tag);
+            self.count += 1;
+            if !waiting || self.count >= self.most {
+                self.flush(consumer, channel).await;
+            }
+            return;
+        }
+        self.flush(consumer, channel).await;
+        consumer.settle(channel, tag, settle).await;
+    }
+
+    /// Acknowledges every handled delivery not acknowledged yet.
+    async fn flush(&mut self, consumer: &Consumer, channel: &Channel) {
+        self.count = 0;
+        if let Some(tag) = self.last_handled.take() {
+            consumer.settle(channel, tag, Settle::AckThrough).await;
+        }
+    }
 }

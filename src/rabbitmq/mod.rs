@@ -39,7 +39,11 @@
 //! - **Acks.** Acknowledgements are manual, with `prefetch` unacknowledged deliveries at most
 //!   per subscription. A subscription runs its handler on one delivery at a time, in order,
 //!   or on up to `concurrency` at once (concurrently within the subscription's task).
-//!   `Ok` acks. An error is retried in-process with the `retry` policy. When every attempt
+//!   `Ok` acks. Handling one at a time, a run of handled deliveries is acked with one
+//!   `multiple` ack: the run ends when no further delivery has arrived, at half the
+//!   `prefetch`, before a delivery that is rejected or requeued, and when the subscription
+//!   stops. A lost connection redelivers the handled deliveries of an unfinished run, as it
+//!   does those still in a handler (at least once). An error is retried in-process with the `retry` policy. When every attempt
 //!   failed, the message, with the `dead_letter_*` headers of [`propagation::dead_letter`], is
 //!   published to the dead-letter exchange (`dead_letter_exchange`, a durable topic exchange)
 //!   with the routing key `dead_letter_topic` (`{topic}.dlq` by default), and once that is
