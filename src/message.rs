@@ -119,9 +119,9 @@ impl Fallback {
 /// The millisecond a UUIDv7 id was made in (its first 48 bits), or `None` for other ids.
 ///
 /// [`Message::new`] takes its id and its time from the clock one after the other, so the two
-/// nearly always agree. Drivers then leave the time out of the message's headers and read it
-/// back from the id: every header costs the client a map entry and a few allocations on both
-/// ends.
+/// nearly always agree. A driver whose broker keeps no time of its own can then leave the time
+/// out of the message's headers and read it back from the id: every header costs the client a
+/// map entry and a few allocations on both ends.
 pub(crate) fn id_millis(id: &str) -> Option<i64> {
     let uuid = uuid::Uuid::try_parse(id).ok()?;
     if uuid.get_version_num() != 7 {

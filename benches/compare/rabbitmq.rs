@@ -11,7 +11,7 @@ use amqprs::channel::{
     ConfirmSelectArguments, QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
-use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, Nack, Return};
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return};
 use async_trait::async_trait;
 use broker::config::{RabbitMqConfig, SecretUrl};
 use broker::rabbitmq::RabbitMqProvider;
@@ -198,9 +198,8 @@ impl ChannelCallback for Confirms {
 enum Properties {
     /// One fixed set: persistent, with the benchmark's one header.
     Fixed,
-    /// What `broker` sends for a message: a fresh UUIDv7 id (which holds the millisecond
-    /// time), the timestamp in seconds and a `trace_id` header beside the benchmark's one,
-    /// persistent and `mandatory`.
+    /// What `broker` sends for a message: a fresh id and timestamp, the millisecond time and
+    /// `trace_id` headers beside the benchmark's one, persistent and `mandatory`.
     LikeBroker,
 }
 
@@ -217,6 +216,7 @@ impl Properties {
                     .as_millis(),
             )?;
             headers.insert("trace_id".try_into()?, trace_id.into());
+            headers.insert("x-broker-timestamp-ms".try_into()?, FieldValue::l(millis));
             properties
                 .with_message_id(&uuid::Uuid::now_v7().to_string())
                 .with_timestamp(u64::try_from(millis / 1000)?);

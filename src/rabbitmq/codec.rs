@@ -5,7 +5,7 @@ use bytes::Bytes;
 
 use super::DRIVER;
 use super::error::RabbitMqError;
-use crate::message::{Fallback, Headers, Message, id_millis};
+use crate::message::{Fallback, Headers, Message};
 
 /// The header that keeps the timestamp's milliseconds: AMQP's `timestamp` has whole seconds.
 pub(super) const TIMESTAMP_MS_HEADER: &str = "x-broker-timestamp-ms";
@@ -41,12 +41,8 @@ pub(super) fn check(message: &Message) -> Result<(), RabbitMqError> {
     Ok(())
 }
 
-/// The properties of `message`: persistent, with its id, its time in seconds and every header
-/// as a long string. The body goes as it is.
-///
-/// AMQP's `timestamp` has whole seconds. The milliseconds travel in the id when it is a UUIDv7
-/// of the same millisecond, as [`Message::new`] makes them, and otherwise in the
-/// [`TIMESTAMP_MS_HEADER`]: a header costs both clients and the server a table entry.
+/// The properties of `message`: persistent, with its id, its time in seconds (and in
+/// milliseconds in a header) and every header as a long string. The body goes as it is.
 pub(super) fn encode(message: &Message) -> Result<BasicProperties, RabbitMqError> {
     check_short("a message id", &message.id)?;
 
@@ -61,9 +57,7 @@ pub(super) fn encode(message: &Message) -> Result<BasicProperties, RabbitMqError
         table.insert(name, FieldValue::S(value));
     }
     let millis = message.timestamp_millis();
-    if id_millis(&message.id) != Some(millis)
-        && let Some(name) = short(TIMESTAMP_MS_HEADER)
-    {
+    if let Some(name) = short(TIMESTAMP_MS_HEADER) {
         table.insert(name, FieldValue::l(millis));
     }
 
@@ -79,11 +73,8 @@ pub(super) fn encode(message: &Message) -> Result<BasicProperties, RabbitMqError
 }
 
 /// The message a delivery carries. Missing pieces are filled in: the id from `fallback`, the
-/// time from the `timestamp` property or else from `fallback`. Headers of any AMQP type become text; arrays and tables,
-/// which have no single text form, are skipped with a debug log.
-///
-/// The time is the [`TIMESTAMP_MS_HEADER`] when there is one, else the millisecond of a UUIDv7
-/// id that falls in the `timestamp` property's second, else that second.
+/// time from the `timestamp` property or else from `fallback`. Headers of any AMQP type become
+/// text; arrays and tables, which have no single text form, are skipped with a debug log.
 pub(super) fn decode(properties: &BasicProperties, body: Bytes, fallback: &Fallback) -> Message {
     let mut headers = Headers::new();
     let mut millis = None;
@@ -107,19 +98,17 @@ pub(super) fn decode(properties: &BasicProperties, body: Bytes, fallback: &Fallb
         }
     }
 
-    let id = properties.message_id();
-    let seconds = properties
-        .timestamp()
-        .and_then(|seconds| i64::try_from(seconds).ok());
     let millis = millis.or_else(|| {
-        let seconds = seconds?;
-        let in_id = id
-            .and_then(|id| id_millis(id))
-            .filter(|millis| millis.div_euclid(1000) == seconds);
-        Some(in_id.unwrap_or_else(|| seconds.saturating_mul(1000)))
+        properties
+            .timestamp()
+            .and_then(|seconds| i64::try_from(seconds).ok())
+            .map(|seconds| seconds.saturating_mul(1000))
     });
     Message {
-        id: id.cloned().unwrap_or_else(|| fallback.id()),
+        id: properties
+            .message_id()
+            .cloned()
+            .unwrap_or_else(|| fallback.id()),
         headers,
         body,
         timestamp: millis.map_or_else(|| fallback.time(), Message::timestamp_from_millis),

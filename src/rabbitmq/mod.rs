@@ -17,9 +17,8 @@
 //!   fails with [`RabbitMqError::TopologyMismatch`]. With a topic exchange a subscription may
 //!   use the patterns `*` (one word) and `#` (any words).
 //! - **Messages.** The id is the `message_id` property, the time the `timestamp` property in
-//!   seconds. The milliseconds travel in the id when it is a UUIDv7 of that same millisecond
-//!   (as [`Message::new`](crate::Message::new) makes them), and otherwise in the
-//!   `x-broker-timestamp-ms` header. Every header is a long string in the headers table, and the body the content. Messages are persistent (delivery
+//!   seconds plus the milliseconds in the `x-broker-timestamp-ms` header, every header a long
+//!   string in the headers table, and the body the content. Messages are persistent (delivery
 //!   mode 2). Headers another client sent with other AMQP types arrive as text (integers,
 //!   floats, decimals, booleans, timestamps as seconds, UTF-8 byte arrays); arrays, nested
 //!   tables (such as RabbitMQ's own `x-death`) and other bytes are skipped with a debug log. A
