@@ -121,10 +121,11 @@ pub(super) async fn publish(
             None => encode()
                 .map_err(|reason| PublishError::with_source(PublishErrorKind::Other, reason))?,
         };
-        let acknowledged = match context
-            .publish_with_headers(subject.to_owned(), headers, body.clone())
-            .await
-        {
+        // Boxed: the client's future takes most of a kilobyte, and inside this one it would
+        // make every publish's future too large for the allocator's per-thread cache.
+        let sent =
+            Box::pin(context.publish_with_headers(subject.to_owned(), headers, body.clone()));
+        let acknowledged = match sent.await {
             Ok(ack) => ack.await,
             Err(error) => Err(error),
         };

@@ -638,16 +638,18 @@ impl Provider for NatsProvider {
             }
             Some(context) => {
                 let headers = codec::encode_headers(&message, trace_id).map_err(unsupported)?;
-                // Boxed: waiting for the ack, with retries, takes a few kilobytes of state, which
-                // every core publish would otherwise carry and allocate too.
-                Box::pin(ctx.run(origin, async {
+                // Boxed: waiting for the ack, with retries, takes most of a kilobyte, which every
+                // core publish would otherwise carry too. The box holds the operation rather than
+                // `ctx.run`'s future, which keeps its operation twice (as its argument and in its
+                // `select!`) and would outgrow the allocator's per-thread cache.
+                let acknowledged = Box::pin(async {
                     let encode = || codec::encode_headers(&message, trace_id);
                     let body = message.body.clone();
                     jetstream::publish(&self.shared.name, context, topic, headers, body, encode)
                         .await
                         .map_err(|error| Error::broker(origin(), error))
-                }))
-                .await
+                });
+                ctx.run(origin, acknowledged).await
             }
         }
     }
