@@ -92,13 +92,18 @@ impl Consumer {
         let stopped = stop.cancelled();
         tokio::pin!(stopped);
         loop {
+            // A flag read before each message, so the wait for the stop is polled only while
+            // no message is ready, rather than ahead of every one.
+            if stop.is_cancelled() {
+                break;
+            }
             let delivered = tokio::select! {
                 biased;
-                _ = &mut stopped => break,
                 delivered = self.subscriber.next() => match delivered {
                     Some(delivered) => delivered,
                     None => break,
                 },
+                _ = &mut stopped => break,
             };
             let subject = delivered.subject;
             let fallback = Fallback::default();

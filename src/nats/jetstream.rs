@@ -247,10 +247,15 @@ impl Consumer {
         let stopped = stop.cancelled();
         tokio::pin!(stopped);
         loop {
+            // A flag read before each message, so the wait for the stop is polled only while
+            // no message is ready, rather than ahead of every one.
+            if stop.is_cancelled() {
+                break;
+            }
             let next = tokio::select! {
                 biased;
-                _ = &mut stopped => break,
                 next = self.messages.next() => next,
+                _ = &mut stopped => break,
             };
             match next {
                 Some(Ok(message)) => self.handle(message).await,
