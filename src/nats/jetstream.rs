@@ -123,8 +123,11 @@ pub(super) async fn publish(
         };
         // Boxed: the client's future takes most of a kilobyte, and inside this one it would
         // make every publish's future too large for the allocator's per-thread cache.
-        let sent =
-            Box::pin(context.publish_with_headers(subject.to_owned(), headers, body.clone()));
+        let sent = Box::pin(context.publish_with_headers(
+            super::core::shared_subject(subject),
+            headers,
+            body.clone(),
+        ));
         let acknowledged = match sent.await {
             Ok(ack) => ack.await,
             Err(error) => Err(error),
