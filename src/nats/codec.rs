@@ -5,23 +5,34 @@ use std::time::SystemTime;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
 
 use super::{MESSAGE_ID_HEADER, ORIGINAL_ID_HEADER, TIMESTAMP_HEADER};
 use crate::message::{Headers, Message, id_millis};
+use crate::propagation::TRACE_ID_HEADER;
 
 // Reserved names are built once, without the validation and copy a parsed name costs.
 const ORIGINAL_ID: HeaderName = HeaderName::from_static(ORIGINAL_ID_HEADER);
 const TIMESTAMP: HeaderName = HeaderName::from_static(TIMESTAMP_HEADER);
+const TRACE_ID: HeaderName = HeaderName::from_static(TRACE_ID_HEADER);
 
-/// The NATS headers and payload of `message`: its own headers, its id and its timestamp (unless
-/// its UUIDv7 id holds the same millisecond).
+/// The NATS headers and payload of `message`: its own headers, its id, its timestamp (unless
+/// its UUIDv7 id holds the same millisecond), and `trace_id` in the trace header when the
+/// message carries none.
 ///
-/// Taking the message lets its header names and values move into the NATS headers instead of
-/// being copied. Fails, saying why, when a header cannot be written as a NATS header or uses a
-/// name the driver reserves.
-pub(crate) fn encode(message: Message) -> Result<(HeaderMap, Bytes), String> {
+/// The trace id goes straight into the NATS headers, as [`crate::propagation::inject`] would
+/// have put it into the message's, without the message's map holding it on the way. Taking the
+/// message lets its header names and values move into the NATS headers instead of being
+/// copied. Fails, saying why, when a header cannot be written as a NATS header or uses a name
+/// the driver reserves.
+pub(crate) fn encode(message: Message, trace_id: &str) -> Result<(HeaderMap, Bytes), String> {
     let timestamp = timestamp_unless_in(&message.id, &message);
+    let traced = message.headers.contains_key(TRACE_ID_HEADER);
     let mut headers = user_headers(message.headers, timestamp)?;
+    if !traced {
+        headers.insert(TRACE_ID, header_value(TRACE_ID_HEADER, trace_id)?);
+    }
     headers.insert(
         NATS_MESSAGE_ID,
         header_value(MESSAGE_ID_HEADER, message.id)?,
@@ -30,9 +41,12 @@ pub(crate) fn encode(message: Message) -> Result<(HeaderMap, Bytes), String> {
 }
 
 /// The NATS headers of `message`, like [`encode`], for a message that is sent more than once.
-pub(crate) fn encode_headers(message: &Message) -> Result<HeaderMap, String> {
+pub(crate) fn encode_headers(message: &Message, trace_id: &str) -> Result<HeaderMap, String> {
     let timestamp = timestamp_unless_in(&message.id, message);
     let mut headers = user_headers(&message.headers, timestamp)?;
+    if !message.headers.contains_key(TRACE_ID_HEADER) {
+        headers.insert(TRACE_ID, header_value(TRACE_ID_HEADER, trace_id)?);
+    }
     headers.insert(
         NATS_MESSAGE_ID,
         header_value(MESSAGE_ID_HEADER, message.id.as_str())?,
@@ -42,7 +56,7 @@ pub(crate) fn encode_headers(message: &Message) -> Result<HeaderMap, String> {
 
 /// The NATS headers of a dead letter: like [`encode`], but with its own de-duplication id, so
 /// a stream that also holds the original does not drop it as a duplicate. The message's id
-/// travels in the [`ORIGINAL_ID_HEADER`].
+/// travels in the [`ORIGINAL_ID_HEADER`]. Its trace id is the one it was delivered with.
 pub(crate) fn encode_dead_letter(message: &Message) -> Result<HeaderMap, String> {
     let timestamp = timestamp_unless_in(&message.id, message);
     let mut headers = user_headers(&message.headers, timestamp)?;
@@ -158,18 +172,28 @@ fn header_name(name: impl AsRef<str> + Into<String>) -> Result<HeaderName, Strin
 }
 
 fn header_value(name: &str, value: impl AsRef<str> + Into<String>) -> Result<HeaderValue, String> {
-    // async-nats panics on a value with a line break, so it is refused here first; bytes are
-    // scanned rather than chars, as a line break is one byte in UTF-8.
-    if value
-        .as_ref()
-        .bytes()
-        .any(|byte| byte == b'\r' || byte == b'\n')
-    {
+    // async-nats panics on a value with a line break, so it is refused here first.
+    if has_line_break(value.as_ref()) {
         return Err(format!(
             "the value of the header `{name}` holds a line break"
         ));
     }
-    Ok(HeaderValue::from(value.into()))
+    // `HeaderValue::from` would scan the text a second time; its serde form, a plain string,
+    // takes the text as it is.
+    HeaderValue::deserialize(value.into().into_deserializer())
+        .map_err(|error: serde::de::value::Error| format!("the header `{name}`: {error}"))
+}
+
+/// Whether `text` holds a carriage return or a line feed (each one byte in UTF-8).
+fn has_line_break(text: &str) -> bool {
+    // Values are short and nearly never hold one: blocks of 16 bytes are looked at whole,
+    // which the compiler turns into a few vector instructions instead of a branch per byte.
+    let is_break = |found: bool, byte: &u8| found | (*byte == b'\r') | (*byte == b'\n');
+    let mut blocks = text.as_bytes().chunks_exact(16);
+    blocks
+        .by_ref()
+        .any(|block| block.iter().fold(false, is_break))
+        || blocks.remainder().iter().fold(false, is_break)
 }
 
 #[cfg(test)]
@@ -185,7 +209,7 @@ mod tests {
             .with_header("trace_id", "t-1")
             .with_header("Content-Type", "text/plain");
 
-        let (headers, body) = encode(message.clone()).unwrap();
+        let (headers, body) = encode(message.clone(), "request").unwrap();
         let decoded = decode(
             Some(&headers),
             body,
@@ -194,14 +218,42 @@ mod tests {
         );
 
         assert_eq!(decoded, message);
-        assert_eq!(encode_headers(&message).unwrap(), headers);
+        assert_eq!(encode_headers(&message, "request").unwrap(), headers);
+    }
+
+    #[test]
+    fn a_message_without_a_trace_id_carries_the_given_one() {
+        let message = Message::new("body").with_header("k", "v");
+
+        let (headers, body) = encode(message.clone(), "request").unwrap();
+        let decoded = decode(Some(&headers), body, new_id, SystemTime::now);
+
+        assert_eq!(
+            decoded,
+            message.clone().with_header(TRACE_ID_HEADER, "request")
+        );
+        assert_eq!(encode_headers(&message, "request").unwrap(), headers);
+        assert!(encode(message, "a\nb").unwrap_err().contains("line break"));
+    }
+
+    #[test]
+    fn header_values_are_the_ones_the_client_makes() {
+        for text in ["", "1", "a value with spaces", "ünïcödé"] {
+            assert_eq!(header_value("k", text).unwrap(), HeaderValue::from(text));
+        }
+        let long = format!("{}\n{}", "x".repeat(20), "y".repeat(20));
+        for text in ["a\rb", "\n", "end\r\n", &long, &long[..21], &long[20..]] {
+            assert!(header_value("k", text).is_err(), "{text:?}");
+        }
     }
 
     #[test]
     fn the_time_header_is_left_out_only_when_the_id_holds_the_same_time() {
         let uuid = "01890a5d-ac96-774b-bcce-b302099a8057";
         let in_id = Message::timestamp_from_millis(0x0189_0a5d_ac96);
-        let same = Message::new("x").with_id(uuid);
+        let same = Message::new("x")
+            .with_id(uuid)
+            .with_header(TRACE_ID_HEADER, "t");
         let same = Message {
             timestamp: in_id,
             ..same
@@ -216,7 +268,7 @@ mod tests {
         };
 
         for message in [same.clone(), later, not_uuid] {
-            let (headers, body) = encode(message.clone()).unwrap();
+            let (headers, body) = encode(message.clone(), "t").unwrap();
             let decoded = decode(Some(&headers), body, new_id, SystemTime::now);
 
             assert_eq!(decoded, message);
@@ -232,7 +284,7 @@ mod tests {
     fn new_messages_usually_travel_without_the_time_header() {
         let carried = (0..100)
             .filter(|_| {
-                let (headers, _) = encode(Message::new("x")).unwrap();
+                let (headers, _) = encode(Message::new("x"), "t").unwrap();
                 headers.get(TIMESTAMP_HEADER).is_some()
             })
             .count();
@@ -262,9 +314,9 @@ mod tests {
         let colon = Message::new("x").with_header("a:b", "v");
         let newline = Message::new("x").with_header("a", "v\r\nX: y");
 
-        assert!(encode(reserved).unwrap_err().contains("reserved"));
-        assert!(encode(colon).is_err());
-        assert!(encode(newline).is_err());
+        assert!(encode(reserved, "t").unwrap_err().contains("reserved"));
+        assert!(encode(colon, "t").is_err());
+        assert!(encode(newline, "t").is_err());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Core NATS: flushed publishes and plain or queue-group subscriptions, at most once.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
-use async_nats::{Client, HeaderMap, Subscriber};
+use async_nats::{Client, HeaderMap, Subject, Subscriber};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,28 @@ use crate::handler::{Dispatcher, Outcome};
 use crate::message::{Fallback, Message};
 use crate::propagation;
 
+thread_local! {
+    /// The subject this thread published to last.
+    static LAST_SUBJECT: RefCell<Option<Subject>> = const { RefCell::new(None) };
+}
+
+/// `topic` as the client's subject. The client copies a subject given as text into one of its
+/// own on every publish; publishes to the subject a thread published to before share its
+/// bytes instead, with a reference count.
+pub(super) fn shared_subject(topic: &str) -> Subject {
+    LAST_SUBJECT.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some(subject) if subject.as_str() == topic => subject.clone(),
+            _ => {
+                let subject = Subject::from(topic);
+                *last = Some(subject.clone());
+                subject
+            }
+        }
+    })
+}
+
 /// Sends a message and waits until the client has flushed it to the server.
 pub(super) async fn publish(
     client: &Client,
@@ -21,7 +44,7 @@ pub(super) async fn publish(
     body: Bytes,
 ) -> Result<(), BoxError> {
     client
-        .publish_with_headers(subject.to_owned(), headers, body)
+        .publish_with_headers(shared_subject(subject), headers, body)
         .await?;
     client.flush().await?;
     Ok(())
@@ -92,13 +115,18 @@ impl Consumer {
         let stopped = stop.cancelled();
         tokio::pin!(stopped);
         loop {
+            // A flag read before each message, so the wait for the stop is polled only while
+            // no message is ready, rather than ahead of every one.
+            if stop.is_cancelled() {
+                break;
+            }
             let delivered = tokio::select! {
                 biased;
-                _ = &mut stopped => break,
                 delivered = self.subscriber.next() => match delivered {
                     Some(delivered) => delivered,
                     None => break,
                 },
+                _ = &mut stopped => break,
             };
             let subject = delivered.subject;
             let fallback = Fallback::default();
@@ -215,6 +243,23 @@ impl Consumer {
                 "subscription stopped with messages not yet handled: core NATS cannot \
                  redeliver, they are dropped"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_the_topics_given() {
+        for topic in [
+            "orders.created",
+            "orders.created",
+            "orders.paid",
+            "orders.created",
+        ] {
+            assert_eq!(shared_subject(topic).as_str(), topic);
         }
     }
 }

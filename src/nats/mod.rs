@@ -613,9 +613,11 @@ impl Provider for NatsProvider {
         &self.shared.name
     }
 
-    async fn publish(&self, ctx: &Context, topic: &str, mut message: Message) -> Result<()> {
+    async fn publish(&self, ctx: &Context, topic: &str, message: Message) -> Result<()> {
         self.check_open(Operation::Publish, topic)?;
-        propagation::inject(ctx, &mut message);
+        // The codec writes the context's request id as the trace id, as
+        // `propagation::inject` does, straight into the NATS headers.
+        let trace_id = ctx.request_id();
         let origin = || self.shared.origin(Operation::Publish, topic);
         let unsupported = |reason| Error::Unsupported {
             origin: origin(),
@@ -624,7 +626,7 @@ impl Provider for NatsProvider {
 
         match &self.shared.jetstream {
             None => {
-                let (headers, body) = codec::encode(message).map_err(unsupported)?;
+                let (headers, body) = codec::encode(message, trace_id).map_err(unsupported)?;
                 // The client's publish and flush futures take most of a kilobyte: boxed on
                 // their own, they and the publish's own future each stay small enough for the
                 // allocator's per-thread cache, where one future holding both does not.
@@ -635,17 +637,19 @@ impl Provider for NatsProvider {
                 .await
             }
             Some(context) => {
-                let headers = codec::encode_headers(&message).map_err(unsupported)?;
-                // Boxed: waiting for the ack, with retries, takes a few kilobytes of state, which
-                // every core publish would otherwise carry and allocate too.
-                Box::pin(ctx.run(origin, async {
-                    let encode = || codec::encode_headers(&message);
+                let headers = codec::encode_headers(&message, trace_id).map_err(unsupported)?;
+                // Boxed: waiting for the ack, with retries, takes most of a kilobyte, which every
+                // core publish would otherwise carry too. The box holds the operation rather than
+                // `ctx.run`'s future, which keeps its operation twice (as its argument and in its
+                // `select!`) and would outgrow the allocator's per-thread cache.
+                let acknowledged = Box::pin(async {
+                    let encode = || codec::encode_headers(&message, trace_id);
                     let body = message.body.clone();
                     jetstream::publish(&self.shared.name, context, topic, headers, body, encode)
                         .await
                         .map_err(|error| Error::broker(origin(), error))
-                }))
-                .await
+                });
+                ctx.run(origin, acknowledged).await
             }
         }
     }
