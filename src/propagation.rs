@@ -23,10 +23,13 @@ pub fn inject(ctx: &Context, message: &mut Message) {
 }
 
 /// The handler's context for a delivered message: its `trace_id` header as request and trace
-/// id, or a fresh id when the message has none.
+/// id. A message without one starts a trace of its own, named by its id, so every delivery of
+/// it (retries included) logs under the same trace id; only a message without an id gets a
+/// fresh one.
 pub fn extract(message: &Message) -> Context {
     match message.trace_id() {
         Some(trace_id) if !trace_id.is_empty() => Context::with_id(trace_id),
+        _ if !message.id.is_empty() => Context::with_id(&message.id),
         _ => Context::new(),
     }
 }
@@ -71,13 +74,15 @@ mod tests {
     }
 
     #[test]
-    fn delivery_continues_the_trace_or_starts_a_new_one() {
+    fn delivery_continues_the_trace_or_starts_one_named_by_the_message() {
         let traced = Message::new("a").with_header(TRACE_ID_HEADER, "req-2");
         let untraced = Message::new("b");
+        let nameless = Message::new("c").with_id("");
 
         assert_eq!(extract(&traced).trace_id(), "req-2");
         assert_eq!(extract(&traced).request_id(), "req-2");
-        assert!(!extract(&untraced).trace_id().is_empty());
-        assert_ne!(extract(&untraced).trace_id(), extract(&untraced).trace_id());
+        assert_eq!(extract(&untraced).trace_id(), untraced.id);
+        assert!(!extract(&nameless).trace_id().is_empty());
+        assert_ne!(extract(&nameless).trace_id(), extract(&nameless).trace_id());
     }
 }
