@@ -65,7 +65,19 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
         "core publish (flushed)",
         messages,
         || publish_core_broker(&core, messages, concurrency),
-        || publish_core_native(&client, messages, concurrency),
+        || publish_core_native(&client, messages, concurrency, Fields::Plain),
+    )
+    .await?;
+
+    // The same workload against async-nats sending what `broker` sends, to tell the cost of
+    // the model's headers (paid by both ends of the connection) from the cost of the driver.
+    compare_throughput(
+        report,
+        "nats",
+        "core publish (flushed, same fields)",
+        messages,
+        || publish_core_broker(&core, messages, concurrency),
+        || publish_core_native(&client, messages, concurrency, Fields::LikeBroker),
     )
     .await?;
 
@@ -176,19 +188,36 @@ async fn publish_core_broker(
     Ok(start.elapsed())
 }
 
+/// What the native side puts in each message's headers.
+#[derive(Debug, Clone, Copy)]
+enum Fields {
+    /// The benchmark's one header.
+    Plain,
+    /// What `broker` sends for a message: a fresh UUIDv7 id as `Nats-Msg-Id` (it holds the
+    /// time too) and the publisher's `trace_id` beside the benchmark's header.
+    LikeBroker,
+}
+
 async fn publish_core_native(
     client: &async_nats::Client,
     messages: usize,
     concurrency: usize,
+    fields: Fields,
 ) -> BenchResult<Duration> {
     let subject = subject("bench-core", "publish");
+    let trace_id = uuid::Uuid::now_v7().to_string();
     let start = Instant::now();
     futures_util::stream::iter(0..messages)
         .map(|_| {
             let subject = subject.clone();
+            let mut headers = headers();
+            if let Fields::LikeBroker = fields {
+                headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
+                headers.insert("trace_id", trace_id.as_str());
+            }
             async move {
                 client
-                    .publish_with_headers(subject, headers(), Bytes::from_static(&BODY))
+                    .publish_with_headers(subject, headers, Bytes::from_static(&BODY))
                     .await?;
                 client.flush().await?;
                 Ok::<(), Box<dyn std::error::Error>>(())
