@@ -438,12 +438,12 @@ async fn read_partition(
                     break;
                 }
                 let record_offset = record.offset;
-                let message = to_message(&topic, partition, record);
-                let done = match dispatcher.dispatch(|| message.clone(), &stop).await {
+                let delivered = || to_message(&topic, partition, &record);
+                let done = match dispatcher.dispatch(delivered, &stop).await {
                     Outcome::Handled => true,
                     Outcome::Failed { error, attempts } => {
                         let dead = dead_letter(
-                            &message,
+                            &delivered(),
                             &topic,
                             partition,
                             record_offset,

@@ -37,15 +37,19 @@ pub(crate) fn to_record(message: &Message) -> Record {
 /// The message for a fetched record. A record from another client without a `message_id`
 /// header gets `<topic>-<partition>-<offset>` as its id; a record key without a
 /// `partition_key` header becomes one. Headers whose values are not UTF-8 are skipped.
-pub(crate) fn to_message(topic: &str, partition: i32, fetched: RecordAndOffset) -> Message {
+///
+/// The record is borrowed so that each attempt of a handler, and a dead letter, builds its own
+/// message from it: one copy per attempt, where converting the record once and cloning the
+/// message for each attempt cost a conversion and a copy.
+pub(crate) fn to_message(topic: &str, partition: i32, fetched: &RecordAndOffset) -> Message {
     let RecordAndOffset { record, offset } = fetched;
     let mut id = None;
     let mut headers = crate::message::Headers::new();
-    for (key, value) in record.headers {
-        match String::from_utf8(value) {
-            Ok(value) if key == ID_HEADER => id = Some(value),
+    for (key, value) in &record.headers {
+        match std::str::from_utf8(value) {
+            Ok(value) if key == ID_HEADER => id = Some(value.to_owned()),
             Ok(value) => {
-                headers.insert(key, value);
+                headers.insert(key.clone(), value.to_owned());
             }
             Err(_) => tracing::debug!(
                 topic,
@@ -56,16 +60,20 @@ pub(crate) fn to_message(topic: &str, partition: i32, fetched: RecordAndOffset) 
             ),
         }
     }
-    if let Some(key) = record.key {
+    if let Some(key) = &record.key {
         headers
             .entry(KEY_HEADER.to_owned())
-            .or_insert_with(|| String::from_utf8_lossy(&key).into_owned());
+            .or_insert_with(|| String::from_utf8_lossy(key).into_owned());
     }
 
     Message {
-        id: id.unwrap_or_else(|| fallback_id(topic, partition, offset)),
+        id: id.unwrap_or_else(|| fallback_id(topic, partition, *offset)),
         headers,
-        body: record.value.map(Bytes::from).unwrap_or_default(),
+        body: record
+            .value
+            .as_deref()
+            .map(Bytes::copy_from_slice)
+            .unwrap_or_default(),
         timestamp: Message::timestamp_from_millis(record.timestamp.timestamp_millis()),
     }
 }
@@ -153,7 +161,7 @@ mod tests {
             .with_header(KEY_HEADER, "customer-7");
 
         let record = to_record(&message);
-        let back = to_message("t", 0, RecordAndOffset { record, offset: 5 });
+        let back = to_message("t", 0, &RecordAndOffset { record, offset: 5 });
 
         assert_eq!(back, message);
     }
@@ -167,7 +175,7 @@ mod tests {
             timestamp: DateTime::from_timestamp_millis(1_000).unwrap(),
         };
 
-        let message = to_message("orders", 2, RecordAndOffset { record, offset: 9 });
+        let message = to_message("orders", 2, &RecordAndOffset { record, offset: 9 });
 
         assert_eq!(message.id, "orders-2-9");
         assert_eq!(message.header(KEY_HEADER), Some("k"));
