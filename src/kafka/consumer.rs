@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rskafka::client::error::{Error as ClientError, ProtocolError};
 use rskafka::client::partition::{OffsetAt, PartitionClient};
 use rskafka::record::RecordAndOffset;
@@ -429,7 +430,7 @@ async fn read_partition(
             };
 
             let mut interrupted = false;
-            for record in records {
+            for mut record in records {
                 if record.offset < offset {
                     continue;
                 }
@@ -438,7 +439,14 @@ async fn read_partition(
                     break;
                 }
                 let record_offset = record.offset;
-                let delivered = || to_message(&topic, partition, &record);
+                // The value becomes the body once, without a copy; each attempt shares it.
+                let body = record
+                    .record
+                    .value
+                    .take()
+                    .map(Bytes::from)
+                    .unwrap_or_default();
+                let delivered = || to_message(&topic, partition, &record, body.clone());
                 let done = match dispatcher.dispatch(delivered, &stop).await {
                     Outcome::Handled => true,
                     Outcome::Failed { error, attempts } => {

@@ -39,9 +39,15 @@ pub(crate) fn to_record(message: &Message) -> Record {
 /// `partition_key` header becomes one. Headers whose values are not UTF-8 are skipped.
 ///
 /// The record is borrowed so that each attempt of a handler, and a dead letter, builds its own
-/// message from it: one copy per attempt, where converting the record once and cloning the
-/// message for each attempt cost a conversion and a copy.
-pub(crate) fn to_message(topic: &str, partition: i32, fetched: &RecordAndOffset) -> Message {
+/// message from it: one copy of the headers per attempt, where converting the record once and
+/// cloning the message for each attempt cost a conversion and a copy. The body is the record's
+/// value, taken out of it beforehand so that every attempt shares it rather than copies it.
+pub(crate) fn to_message(
+    topic: &str,
+    partition: i32,
+    fetched: &RecordAndOffset,
+    body: Bytes,
+) -> Message {
     let RecordAndOffset { record, offset } = fetched;
     let mut id = None;
     let mut headers = crate::message::Headers::new();
@@ -69,11 +75,7 @@ pub(crate) fn to_message(topic: &str, partition: i32, fetched: &RecordAndOffset)
     Message {
         id: id.unwrap_or_else(|| fallback_id(topic, partition, *offset)),
         headers,
-        body: record
-            .value
-            .as_deref()
-            .map(Bytes::copy_from_slice)
-            .unwrap_or_default(),
+        body,
         timestamp: Message::timestamp_from_millis(record.timestamp.timestamp_millis()),
     }
 }
@@ -160,8 +162,9 @@ mod tests {
             .with_header("kind", "test")
             .with_header(KEY_HEADER, "customer-7");
 
-        let record = to_record(&message);
-        let back = to_message("t", 0, &RecordAndOffset { record, offset: 5 });
+        let mut record = to_record(&message);
+        let body = record.value.take().map(Bytes::from).unwrap_or_default();
+        let back = to_message("t", 0, &RecordAndOffset { record, offset: 5 }, body);
 
         assert_eq!(back, message);
     }
@@ -175,7 +178,12 @@ mod tests {
             timestamp: DateTime::from_timestamp_millis(1_000).unwrap(),
         };
 
-        let message = to_message("orders", 2, &RecordAndOffset { record, offset: 9 });
+        let message = to_message(
+            "orders",
+            2,
+            &RecordAndOffset { record, offset: 9 },
+            Bytes::new(),
+        );
 
         assert_eq!(message.id, "orders-2-9");
         assert_eq!(message.header(KEY_HEADER), Some("k"));
