@@ -18,16 +18,17 @@ use crate::error::{Error, Origin, Stop};
 /// error says which of the two stopped them.
 ///
 /// Cloning is cheap; clones share the cancellation token.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Context {
     // Shared rather than owned: a context is cloned for every operation and built for every
     // delivered message, and the request and trace ids are usually the same text.
     request_id: Arc<str>,
     trace_id: Arc<str>,
-    // Made on first use: most contexts of delivered messages are never cancelled nor waited
-    // on, and a token costs a lock when it is dropped. Clones share the cell, so a token made
+    // Made on first use: most contexts of delivered messages are never cloned, cancelled nor
+    // waited on, and a token costs a lock when it is dropped. The outer cell is filled when the
+    // context is first cloned or needs its token; clones share the inner one, so a token made
     // through one clone is the one every clone sees.
-    cancel: Arc<OnceLock<CancellationToken>>,
+    cancel: OnceLock<Arc<OnceLock<CancellationToken>>>,
     deadline: Option<Instant>,
 }
 
@@ -58,7 +59,7 @@ impl Context {
         Context {
             request_id: Arc::clone(&id),
             trace_id: id,
-            cancel: Arc::default(),
+            cancel: OnceLock::new(),
             deadline: None,
         }
     }
@@ -88,8 +89,10 @@ impl Context {
     /// Cancelling this context cancels the child too.
     pub fn child(&self) -> Self {
         Context {
-            cancel: Arc::new(OnceLock::from(self.token().child_token())),
-            ..self.clone()
+            request_id: Arc::clone(&self.request_id),
+            trace_id: Arc::clone(&self.trace_id),
+            cancel: OnceLock::from(Arc::new(OnceLock::from(self.token().child_token()))),
+            deadline: self.deadline,
         }
     }
 
@@ -125,7 +128,11 @@ impl Context {
     }
 
     fn token(&self) -> &CancellationToken {
-        self.cancel.get_or_init(CancellationToken::new)
+        self.shared_cell().get_or_init(CancellationToken::new)
+    }
+
+    fn shared_cell(&self) -> &Arc<OnceLock<CancellationToken>> {
+        self.cancel.get_or_init(Arc::default)
     }
 
     /// Why the context has stopped, or `None` while it is still live.
@@ -133,6 +140,7 @@ impl Context {
         if self
             .cancel
             .get()
+            .and_then(|cell| cell.get())
             .is_some_and(CancellationToken::is_cancelled)
         {
             Some(Stop::Cancelled)
@@ -187,6 +195,17 @@ impl Context {
     }
 }
 
+impl Clone for Context {
+    fn clone(&self) -> Self {
+        Context {
+            request_id: Arc::clone(&self.request_id),
+            trace_id: Arc::clone(&self.trace_id),
+            cancel: OnceLock::from(Arc::clone(self.shared_cell())),
+            deadline: self.deadline,
+        }
+    }
+}
+
 /// A new unique, time-ordered id (UUID v7) as text.
 pub(crate) fn new_id() -> String {
     // Encoded into a buffer rather than through `Display`: ids are made per message.
@@ -209,6 +228,19 @@ mod tests {
 
         assert_eq!(ctx.stopped(), Some(Stop::Cancelled));
         assert_eq!(ctx.done().await, Stop::Cancelled);
+    }
+
+    #[test]
+    fn cancelling_a_context_stops_the_clones_made_before() {
+        let ctx = Context::new();
+        let clone = ctx.clone();
+        let clone_of_clone = clone.clone();
+
+        ctx.cancel();
+
+        assert_eq!(clone.stopped(), Some(Stop::Cancelled));
+        assert_eq!(clone_of_clone.stopped(), Some(Stop::Cancelled));
+        assert_eq!(Context::new().stopped(), None);
     }
 
     #[tokio::test]
