@@ -188,8 +188,10 @@ impl Dispatcher {
         }
     }
 
-    /// The attempts after a failed first one.
-    async fn retry_after(
+    /// The attempts after a failed first one, as [`Dispatcher::dispatch`] makes them. A driver
+    /// that runs the first attempt itself, with a message it can build only once, calls this
+    /// with the first attempt's error and another way to build the message.
+    pub(crate) async fn retry_after(
         &self,
         delivered: &(dyn Fn() -> Message + Sync),
         mut error: BoxError,

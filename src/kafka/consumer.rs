@@ -18,7 +18,7 @@ use super::group::{GroupError, Member};
 use super::producer::{partition_client, partition_counts};
 use super::record::to_message;
 use super::{DRIVER, Shared};
-use crate::config::StartOffset;
+use crate::config::{KafkaConfig, StartOffset};
 use crate::error::BoxError;
 use crate::handler::{Dispatcher, Outcome};
 use crate::message::Message;
@@ -439,28 +439,35 @@ async fn read_partition(
                     break;
                 }
                 let record_offset = record.offset;
-                // The value becomes the body once, without a copy; each attempt shares it.
+                // The record's value and headers move into the message without a copy: the
+                // first attempt nearly always succeeds, and a retry reads the record again.
                 let body = record
                     .record
                     .value
                     .take()
                     .map(Bytes::from)
                     .unwrap_or_default();
-                let delivered = || to_message(&topic, partition, &record, body.clone());
-                let done = match dispatcher.dispatch(delivered, &stop).await {
-                    Outcome::Handled => true,
-                    Outcome::Failed { error, attempts } => {
-                        let dead = dead_letter(
-                            &delivered(),
+                let message = to_message(&topic, partition, record, body);
+                let done = match dispatcher.attempt(message, 1).await {
+                    Ok(()) => true,
+                    // Boxed: reading the record again and the retries would otherwise weigh
+                    // on every record's future.
+                    Err(error) => {
+                        let failed = FailedRecord {
+                            client: &client,
+                            offset: record_offset,
+                            error,
+                        };
+                        let retry = retry_record(
+                            &shared,
                             &topic,
-                            partition,
-                            record_offset,
-                            &error,
-                            attempts,
+                            &dispatcher,
+                            dead_letter_topic.as_deref(),
+                            failed,
+                            &stop,
                         );
-                        send_dead_letter(&shared, dead_letter_topic.as_deref(), dead, &stop).await
+                        Box::pin(retry).await
                     }
-                    Outcome::Interrupted => false,
                 };
                 if !done {
                     interrupted = true;
@@ -499,7 +506,7 @@ async fn fetch_batches(
     let topic = topic.as_str();
     let partition = client.partition();
     let config = &shared.config;
-    let max_wait = i32::try_from(config.fetch_max_wait.as_millis()).unwrap_or(i32::MAX);
+    let max_wait = max_wait_millis(config);
     let mut failures = 0;
 
     while !stop.is_cancelled() {
@@ -535,17 +542,7 @@ async fn fetch_batches(
             }
             Err(error) => {
                 failures += 1;
-                let delay = reconnect_delay(failures);
-                tracing::warn!(
-                    connection = %shared.name,
-                    driver = %DRIVER,
-                    topic,
-                    partition,
-                    attempt = failures,
-                    delay = ?delay,
-                    error = %error,
-                    "fetch failed; trying again"
-                );
+                let delay = fetch_failed(&shared, topic, partition, failures, &error);
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(delay) => continue,
@@ -562,6 +559,147 @@ async fn fetch_batches(
             sent = batches.send(records) => if sent.is_err() { break },
         }
     }
+}
+
+/// A record whose handler failed on its first attempt.
+struct FailedRecord<'a> {
+    client: &'a PartitionClient,
+    offset: i64,
+    error: BoxError,
+}
+
+/// Retries a record whose first attempt failed, and dead-letters it when every attempt fails;
+/// whether the record is done with: handled, dead-lettered, or gone from the log.
+///
+/// The first attempt took the record's contents, so the retries read it again from the log.
+/// A failed first attempt is rare; keeping a copy of every record in case of one cost each
+/// record its headers and body twice.
+async fn retry_record(
+    shared: &Shared,
+    topic: &str,
+    dispatcher: &Dispatcher,
+    dead_letter_topic: Option<&str>,
+    failed: FailedRecord<'_>,
+    stop: &CancellationToken,
+) -> bool {
+    let FailedRecord {
+        client,
+        offset,
+        error,
+    } = failed;
+    let partition = client.partition();
+    let mut record = match read_again(shared, topic, client, offset, stop).await {
+        Reread::Found(record) => record,
+        Reread::Gone => {
+            tracing::error!(
+                connection = %shared.name,
+                driver = %DRIVER,
+                topic,
+                partition,
+                offset,
+                error = %error,
+                "handler failed and the record is no longer in the log (retention or \
+                 compaction removed it): it is not retried"
+            );
+            return true;
+        }
+        Reread::Stopped => return false,
+    };
+
+    let body = record
+        .record
+        .value
+        .take()
+        .map(Bytes::from)
+        .unwrap_or_default();
+    let delivered = || to_message(topic, partition, record.clone(), body.clone());
+    match dispatcher.retry_after(&delivered, error, stop).await {
+        Outcome::Handled => true,
+        Outcome::Failed { error, attempts } => {
+            let dead = dead_letter(&delivered(), topic, partition, offset, &error, attempts);
+            send_dead_letter(shared, dead_letter_topic, dead, stop).await
+        }
+        Outcome::Interrupted => false,
+    }
+}
+
+/// What reading one record again found.
+enum Reread {
+    Found(RecordAndOffset),
+    /// The log no longer holds the offset.
+    Gone,
+    /// The subscription is stopping.
+    Stopped,
+}
+
+/// Fetches the record at `offset` again, retrying failed fetches with capped backoff.
+async fn read_again(
+    shared: &Shared,
+    topic: &str,
+    client: &PartitionClient,
+    offset: i64,
+    stop: &CancellationToken,
+) -> Reread {
+    let max_wait = max_wait_millis(&shared.config);
+    let mut failures = 0;
+    loop {
+        let fetched = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Reread::Stopped,
+            fetched = client.fetch_records(offset, 1..shared.config.fetch_max_bytes, max_wait) => {
+                fetched
+            }
+        };
+        match fetched {
+            // A fetch returns whole batches, which may start before the offset.
+            Ok((records, _high_watermark)) => {
+                return records
+                    .into_iter()
+                    .find(|record| record.offset == offset)
+                    .map_or(Reread::Gone, Reread::Found);
+            }
+            Err(ClientError::ServerError {
+                protocol_error: ProtocolError::OffsetOutOfRange,
+                ..
+            }) => return Reread::Gone,
+            Err(error) => {
+                failures += 1;
+                let delay = fetch_failed(shared, topic, client.partition(), failures, &error);
+                tokio::select! {
+                    _ = stop.cancelled() => return Reread::Stopped,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The configured fetch wait, in the milliseconds a fetch request takes.
+fn max_wait_millis(config: &KafkaConfig) -> i32 {
+    i32::try_from(config.fetch_max_wait.as_millis()).unwrap_or(i32::MAX)
+}
+
+/// Logs the failed fetch number `failures` in a row and returns how long to wait before the
+/// next.
+fn fetch_failed(
+    shared: &Shared,
+    topic: &str,
+    partition: i32,
+    failures: u32,
+    error: &ClientError,
+) -> Duration {
+    let delay = reconnect_delay(failures);
+    tracing::warn!(
+        connection = %shared.name,
+        driver = %DRIVER,
+        topic,
+        partition,
+        attempt = failures,
+        delay = ?delay,
+        error = %error,
+        "fetch failed; trying again"
+    );
+    delay
 }
 
 fn log_commit_failure(shared: &Shared, topic: &str, offsets: &[(i32, i64)], error: &GroupError) {

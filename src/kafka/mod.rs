@@ -21,10 +21,13 @@
 //!   end, and commits nothing.
 //! - **Acknowledgement** is the offset commit: each partition is read in order, and the offset
 //!   after the records whose handlers succeeded is committed after each fetched batch, every
-//!   partition's in one request that handling does not wait for. A
-//!   record whose handler failed on every attempt is published to the dead-letter topic
-//!   (`{topic}.dlq`) with the error, the attempt count and its partition and offset in its
-//!   headers, then committed, so a poison record never blocks its partition.
+//!   partition's in one request that handling does not wait for. A record's first attempt
+//!   takes its headers and value without a copy; when that attempt fails, the retries read the
+//!   record again from the log (a record that retention or compaction removed in between is
+//!   logged as an error and not retried). A record whose handler failed on every attempt is
+//!   published to the dead-letter topic (`{topic}.dlq`) with the error, the attempt count and
+//!   its partition and offset in its headers, then committed, so a poison record never blocks
+//!   its partition.
 //! - **Rebalances**: a member learns of one from its heartbeat, lets in-flight handlers finish,
 //!   commits, and joins again. A partition without a committed offset starts at
 //!   `start_offset`, and that position is committed at once so its next owner starts there too.

@@ -38,24 +38,23 @@ pub(crate) fn to_record(message: &Message) -> Record {
 /// header gets `<topic>-<partition>-<offset>` as its id; a record key without a
 /// `partition_key` header becomes one. Headers whose values are not UTF-8 are skipped.
 ///
-/// The record is borrowed so that each attempt of a handler, and a dead letter, builds its own
-/// message from it: one copy of the headers per attempt, where converting the record once and
-/// cloning the message for each attempt cost a conversion and a copy. The body is the record's
-/// value, taken out of it beforehand so that every attempt shares it rather than copies it.
+/// The record's header names and values move into the message, and `body` is its value, taken
+/// out of it beforehand: nothing is copied. A caller that needs the message more than once
+/// passes a clone of the record and of the body for each.
 pub(crate) fn to_message(
     topic: &str,
     partition: i32,
-    fetched: &RecordAndOffset,
+    fetched: RecordAndOffset,
     body: Bytes,
 ) -> Message {
     let RecordAndOffset { record, offset } = fetched;
     let mut id = None;
     let mut headers = crate::message::Headers::new();
-    for (key, value) in &record.headers {
-        match std::str::from_utf8(value) {
-            Ok(value) if key == ID_HEADER => id = Some(value.to_owned()),
+    for (key, value) in record.headers {
+        match String::from_utf8(value) {
+            Ok(value) if key == ID_HEADER => id = Some(value),
             Ok(value) => {
-                headers.insert(key.clone(), value.to_owned());
+                headers.insert(key, value);
             }
             Err(_) => tracing::debug!(
                 topic,
@@ -66,14 +65,14 @@ pub(crate) fn to_message(
             ),
         }
     }
-    if let Some(key) = &record.key {
+    if let Some(key) = record.key {
         headers
             .entry(KEY_HEADER.to_owned())
-            .or_insert_with(|| String::from_utf8_lossy(key).into_owned());
+            .or_insert_with(|| String::from_utf8_lossy(&key).into_owned());
     }
 
     Message {
-        id: id.unwrap_or_else(|| fallback_id(topic, partition, *offset)),
+        id: id.unwrap_or_else(|| fallback_id(topic, partition, offset)),
         headers,
         body,
         timestamp: Message::timestamp_from_millis(record.timestamp.timestamp_millis()),
@@ -164,7 +163,7 @@ mod tests {
 
         let mut record = to_record(&message);
         let body = record.value.take().map(Bytes::from).unwrap_or_default();
-        let back = to_message("t", 0, &RecordAndOffset { record, offset: 5 }, body);
+        let back = to_message("t", 0, RecordAndOffset { record, offset: 5 }, body);
 
         assert_eq!(back, message);
     }
@@ -181,7 +180,7 @@ mod tests {
         let message = to_message(
             "orders",
             2,
-            &RecordAndOffset { record, offset: 9 },
+            RecordAndOffset { record, offset: 9 },
             Bytes::new(),
         );
 

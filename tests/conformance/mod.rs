@@ -77,6 +77,7 @@ macro_rules! conformance_tests {
             group_members_share_messages_and_groups_each_get_all,
             group_resumes_with_what_was_published_while_no_member_listened,
             failing_handler_is_retried_then_dead_lettered,
+            every_attempt_gets_the_message_as_published,
             panicking_handler_is_retried_and_the_subscription_lives_on,
             close_waits_for_in_flight_handler,
             stopping_a_subscription_waits_for_in_flight_handler,
@@ -500,6 +501,64 @@ pub async fn failing_handler_is_retried_then_dead_lettered(driver: &dyn Driver) 
 
 /// A handler that panics counts as failed: the message is retried and the subscription keeps
 /// handling later messages.
+/// A retried message is the message that was published, on every attempt: drivers may build
+/// it anew for each one.
+pub async fn every_attempt_gets_the_message_as_published(driver: &dyn Driver) -> Verdict {
+    if let Err(reason) = driver.redelivery() {
+        return Verdict::NotApplicable(reason);
+    }
+    let provider = driver.connect().await;
+    let topic = driver.topic();
+    let attempts = Inbox::default();
+    let record = attempts.handler();
+    let _subscription = subscribe(
+        &*provider,
+        &topic,
+        Default::default(),
+        move |ctx: Context, message: Message| {
+            let recorded = broker::Handler::call(&record, ctx, message);
+            async move {
+                recorded.await?;
+                Err::<(), _>(broker::BoxError::from("every attempt fails"))
+            }
+        },
+    )
+    .await;
+
+    let sent = Message::new("retried").with_header("kind", "retry");
+    let ctx = Context::from_request_id("retry-request");
+    provider.publish(&ctx, &topic, sent.clone()).await.unwrap();
+
+    let seen = attempts.wait_for(ATTEMPTS as usize).await;
+    let mut expected_headers = sent.headers.clone();
+    expected_headers.insert(TRACE_ID_HEADER.into(), "retry-request".into());
+    for (attempt, (ctx, received)) in seen.iter().enumerate() {
+        assert_eq!(received.id, sent.id, "id on attempt {}", attempt + 1);
+        assert_eq!(received.body, sent.body, "body on attempt {}", attempt + 1);
+        assert_eq!(
+            received.timestamp,
+            sent.timestamp,
+            "timestamp on attempt {}",
+            attempt + 1
+        );
+        assert_eq!(
+            received.headers,
+            expected_headers,
+            "headers on attempt {}",
+            attempt + 1
+        );
+        assert_eq!(
+            ctx.trace_id(),
+            "retry-request",
+            "trace id on attempt {}",
+            attempt + 1
+        );
+    }
+
+    provider.close().await.unwrap();
+    Verdict::Passed
+}
+
 pub async fn panicking_handler_is_retried_and_the_subscription_lives_on(
     driver: &dyn Driver,
 ) -> Verdict {
