@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -96,18 +97,38 @@ fn truncate_to_millis(time: SystemTime) -> SystemTime {
 /// The id and time a delivered message is given when it arrives without them.
 ///
 /// A driver builds a delivered message again for each attempt of its handler and for its dead
-/// letter; each of those builds must see the same id and time. They are made on first use, so
+/// letter; each of those builds must see the same id and time. They are fixed on first use, so
 /// messages that carry their own cost nothing.
+///
+/// The id is this process's random prefix and a number it hands out in turn, such as
+/// `9b1e4c07d2a85f36-42`: unique within the process, and across processes unless two draw the
+/// same 64-bit prefix. Messages from clients that set no id of their own get one each, so it
+/// is made with a counter and a few digits rather than a clock read, random bits and a UUID.
 #[derive(Debug, Default)]
 pub(crate) struct Fallback {
-    id: OnceLock<String>,
+    number: OnceLock<u64>,
     time: OnceLock<SystemTime>,
 }
 
 impl Fallback {
     /// A fresh id, the same on every call.
     pub(crate) fn id(&self) -> String {
-        self.id.get_or_init(new_id).clone()
+        static PREFIX: OnceLock<String> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+
+        let prefix = PREFIX.get_or_init(|| {
+            let random = uuid::Uuid::now_v7().as_u64_pair().1;
+            format!("{random:016x}-")
+        });
+        let number = *self
+            .number
+            .get_or_init(|| NEXT.fetch_add(1, Ordering::Relaxed));
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(number);
+        let mut id = String::with_capacity(prefix.len() + digits.len());
+        id.push_str(prefix);
+        id.push_str(digits);
+        id
     }
 
     /// The time of the first call.
@@ -158,6 +179,20 @@ mod tests {
         assert!((message.timestamp_millis() - millis).abs() <= 1);
         assert_eq!(id_millis("not-a-uuid"), None);
         assert_eq!(id_millis("67e55044-10b1-426f-9247-bb680e5fe0c8"), None);
+    }
+
+    #[test]
+    fn a_fallback_id_is_the_same_on_every_call_and_differs_from_others() {
+        let first = Fallback::default();
+        let second = Fallback::default();
+
+        assert_eq!(first.id(), first.id());
+        assert_ne!(first.id(), second.id());
+        assert_eq!(first.time(), first.time());
+        let id = first.id();
+        let (prefix, number) = id.split_once('-').unwrap();
+        assert_eq!(prefix.len(), 16);
+        assert!(number.parse::<u64>().is_ok());
     }
 
     #[test]
