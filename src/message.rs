@@ -1,8 +1,6 @@
 //! The one message type every driver sends and delivers.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -104,16 +102,19 @@ fn truncate_to_millis(time: SystemTime) -> SystemTime {
 /// `9b1e4c07d2a85f36-42`: unique within the process, and across processes unless two draw the
 /// same 64-bit prefix. Messages from clients that set no id of their own get one each, so it
 /// is made with a counter and a few digits rather than a clock read, random bits and a UUID.
+#[cfg(any(feature = "rabbitmq", feature = "nats"))]
 #[derive(Debug, Default)]
 pub(crate) struct Fallback {
-    number: OnceLock<u64>,
-    time: OnceLock<SystemTime>,
+    number: std::sync::OnceLock<u64>,
+    time: std::sync::OnceLock<SystemTime>,
 }
 
+#[cfg(any(feature = "rabbitmq", feature = "nats"))]
 impl Fallback {
     /// A fresh id, the same on every call.
     pub(crate) fn id(&self) -> String {
-        static PREFIX: OnceLock<String> = OnceLock::new();
+        static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
 
         let prefix = PREFIX.get_or_init(|| {
@@ -143,6 +144,7 @@ impl Fallback {
 /// nearly always agree. A driver whose broker keeps no time of its own can then leave the time
 /// out of the message's headers and read it back from the id: every header costs the client a
 /// map entry and a few allocations on both ends.
+#[cfg(feature = "nats")]
 pub(crate) fn id_millis(id: &str) -> Option<i64> {
     let uuid = uuid::Uuid::try_parse(id).ok()?;
     if uuid.get_version_num() != 7 {
@@ -170,6 +172,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "nats")]
     #[test]
     fn a_new_message_id_holds_its_millisecond() {
         let message = Message::new("a");
@@ -181,6 +184,7 @@ mod tests {
         assert_eq!(id_millis("67e55044-10b1-426f-9247-bb680e5fe0c8"), None);
     }
 
+    #[cfg(any(feature = "rabbitmq", feature = "nats"))]
     #[test]
     fn a_fallback_id_is_the_same_on_every_call_and_differs_from_others() {
         let first = Fallback::default();
