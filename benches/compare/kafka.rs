@@ -18,8 +18,8 @@ use rskafka::record::Record;
 use crate::record as record_latency;
 use crate::report::Report;
 use crate::{
-    BODY, SENT_HEADER, Settings, compare_throughput, histogram, latency_through, message,
-    new_group, now_ns, paced, soak, time_consume,
+    BODY, SENT_HEADER, Settings, compare_latency, compare_throughput, histogram, latency_through,
+    message, new_group, now_ns, paced, soak, time_consume,
 };
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -61,9 +61,14 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
     )
     .await?;
 
-    let broker_latency = latency_through(provider.clone(), &topic(), settings).await?;
-    let native_latency = latency_native(&native, &config, settings).await?;
-    report.add_latency("kafka", "latency", &broker_latency, &native_latency);
+    compare_latency(
+        report,
+        "kafka",
+        "latency",
+        || async { latency_through(provider.clone(), &topic(), settings).await },
+        || latency_native(&native, &config, settings),
+    )
+    .await?;
 
     if !settings.soak.is_zero() {
         report.add_soak(soak(&*provider, "kafka", &topic(), settings).await?);

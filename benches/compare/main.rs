@@ -32,8 +32,13 @@ use tokio::sync::Notify;
 /// The body of every benchmark message.
 const BODY: [u8; 256] = [b'x'; 256];
 
-/// How many times each side of a throughput workload runs; the best run counts.
-const ROUNDS: usize = 3;
+/// How many times each side of a throughput workload runs, in turn; the median run counts, so
+/// one lucky or unlucky round on either side moves nothing.
+const ROUNDS: usize = 5;
+
+/// How many times each side of a latency workload runs, in turn; each percentile's median
+/// counts.
+const LATENCY_ROUNDS: usize = 3;
 
 /// Settings from the command line.
 #[derive(Debug, Clone)]
@@ -106,7 +111,7 @@ fn parse_args() -> Result<(Settings, Vec<String>, std::path::PathBuf), String> {
     Ok((settings, drivers, out))
 }
 
-/// Runs `broker_side` and `native_side` in turn, [`ROUNDS`] times each, and records the best
+/// Runs `native_side` and `broker_side` in turn, [`ROUNDS`] times each, and records the median
 /// throughput of each.
 pub(crate) async fn compare_throughput<B, N, BF, NF>(
     report: &mut Report,
@@ -123,21 +128,79 @@ where
     NF: Future<Output = Result<Duration, Box<dyn std::error::Error>>>,
 {
     let rate = |elapsed: Duration| messages as f64 / elapsed.as_secs_f64();
-    let (mut best_broker, mut best_native) = (0f64, 0f64);
+    let (mut brokers, mut natives) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
         let native = rate(native_side().await?);
         let broker = rate(broker_side().await?);
         eprintln!("{driver} {workload} round {round}: broker {broker:.0}/s, native {native:.0}/s");
-        best_broker = best_broker.max(broker);
-        best_native = best_native.max(native);
+        brokers.push(broker);
+        natives.push(native);
     }
     report.add(Figure::throughput(
         driver,
         workload,
-        best_broker,
-        best_native,
+        median(brokers),
+        median(natives),
     ));
     Ok(())
+}
+
+/// Runs `native_side` and `broker_side` in turn, [`LATENCY_ROUNDS`] times each, and records
+/// the median of each side's p50 and p99.
+pub(crate) async fn compare_latency<B, N, BF, NF>(
+    report: &mut Report,
+    driver: &str,
+    workload: &str,
+    mut broker_side: B,
+    mut native_side: N,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    B: FnMut() -> BF,
+    N: FnMut() -> NF,
+    BF: Future<Output = Result<Histogram<u64>, Box<dyn std::error::Error>>>,
+    NF: Future<Output = Result<Histogram<u64>, Box<dyn std::error::Error>>>,
+{
+    let (mut brokers, mut natives) = (Vec::new(), Vec::new());
+    for round in 1..=LATENCY_ROUNDS {
+        let native = native_side().await?;
+        let broker = broker_side().await?;
+        eprintln!(
+            "{driver} {workload} round {round}: p50/p99 broker {}/{} µs, native {}/{} µs",
+            broker.value_at_quantile(0.5),
+            broker.value_at_quantile(0.99),
+            native.value_at_quantile(0.5),
+            native.value_at_quantile(0.99),
+        );
+        brokers.push(broker);
+        natives.push(native);
+    }
+    for (name, quantile) in [("p50", 0.5), ("p99", 0.99)] {
+        let at = |runs: &[Histogram<u64>]| {
+            median(
+                runs.iter()
+                    .map(|run| run.value_at_quantile(quantile) as f64)
+                    .collect(),
+            )
+        };
+        report.add(Figure::latency(
+            driver,
+            &format!("{workload} {name}"),
+            at(&brokers),
+            at(&natives),
+        ));
+    }
+    Ok(())
+}
+
+/// The middle value of `values` (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
 }
 
 /// Subscribes `group` to `topic`, where `messages` messages already wait for it, and returns

@@ -23,8 +23,8 @@ use tokio::sync::Notify;
 
 use crate::report::Report;
 use crate::{
-    BODY, SENT_HEADER, Settings, compare_throughput, histogram, latency_through, message,
-    new_group, now_ns, paced, record, soak, time_consume,
+    BODY, SENT_HEADER, Settings, compare_latency, compare_throughput, histogram, latency_through,
+    message, new_group, now_ns, paced, record, soak, time_consume,
 };
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -111,10 +111,16 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
     )
     .await?;
 
-    let broker_latency =
-        latency_through(core.clone(), &subject("bench-core", "latency"), settings).await?;
-    let native_latency = latency_native(&client, settings).await?;
-    report.add_latency("nats", "core latency", &broker_latency, &native_latency);
+    compare_latency(
+        report,
+        "nats",
+        "core latency",
+        || async {
+            latency_through(core.clone(), &subject("bench-core", "latency"), settings).await
+        },
+        || latency_native(&client, settings),
+    )
+    .await?;
 
     if !settings.soak.is_zero() {
         let topic = subject("bench-core", "soak");

@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 
 use crate::report::Report;
 use crate::{
-    BODY, Settings, compare_throughput, histogram, latency_through, message, now_ns, paced, record,
-    soak, time_consume,
+    BODY, Settings, compare_latency, compare_throughput, histogram, latency_through, message,
+    now_ns, paced, record, soak, time_consume,
 };
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -76,9 +76,14 @@ pub(crate) async fn run(settings: &Settings, report: &mut Report) -> BenchResult
     .await?;
 
     let provider = Arc::new(provider);
-    let broker_latency = latency_through(provider.clone(), &topic(), settings).await?;
-    let native_latency = latency_native(&native, &exchange, settings).await?;
-    report.add_latency("rabbitmq", "latency", &broker_latency, &native_latency);
+    compare_latency(
+        report,
+        "rabbitmq",
+        "latency",
+        || async { latency_through(provider.clone(), &topic(), settings).await },
+        || latency_native(&native, &exchange, settings),
+    )
+    .await?;
 
     if !settings.soak.is_zero() {
         let topic = topic();

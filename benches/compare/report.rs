@@ -2,7 +2,6 @@
 
 use std::fmt::Write;
 
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::Settings;
@@ -110,24 +109,6 @@ impl Report {
 
     pub(crate) fn add(&mut self, figure: Figure) {
         self.figures.push(figure);
-    }
-
-    /// Adds p50 and p99 of two latency histograms (in microseconds).
-    pub(crate) fn add_latency(
-        &mut self,
-        driver: &str,
-        workload: &str,
-        broker: &Histogram<u64>,
-        native: &Histogram<u64>,
-    ) {
-        for (name, quantile) in [("p50", 0.5), ("p99", 0.99)] {
-            self.add(Figure::latency(
-                driver,
-                &format!("{workload} {name}"),
-                broker.value_at_quantile(quantile) as f64,
-                native.value_at_quantile(quantile) as f64,
-            ));
-        }
     }
 
     pub(crate) fn add_soak(&mut self, soak: Soak) {
