@@ -6,6 +6,7 @@ mod conformance;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -327,5 +328,60 @@ async fn a_poison_record_is_dead_lettered_with_its_position_while_others_flow() 
     assert_eq!(dead_letter.header(DEAD_LETTER_OFFSET_HEADER), Some("0"));
     assert_eq!(dead_letter.header("dead_letter_attempts"), Some("3"));
     assert_eq!(ids(&after), handled.ids().into_iter().collect());
+    provider.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_record_the_log_no_longer_holds_is_not_retried_and_others_flow() {
+    let provider = connect(1).await;
+    let topic = topic();
+    let ctx = Context::new().with_timeout(TIMEOUT);
+    // Publishing creates the topic, whose partition the handler needs; the group starts after
+    // this record, at the end of the partition.
+    publish_numbered(&provider, &topic, 1).await;
+    let log = Arc::new(provider.partition_client(&topic, 0).await.unwrap());
+
+    let attempts = Arc::new(AtomicU32::new(0));
+    let handled = Inbox::default();
+    let record = handled.handler();
+    let counter = Arc::clone(&attempts);
+    let _subscription = provider
+        .subscribe(
+            &Context::new(),
+            &topic,
+            group(),
+            Arc::new(move |ctx: Context, message: Message| {
+                let doomed = message.header("doomed").is_some();
+                let recorded = broker::Handler::call(&record, ctx, message);
+                let (counter, log) = (Arc::clone(&counter), Arc::clone(&log));
+                async move {
+                    if doomed {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        // Retention takes the record (and the one before it) while its first
+                        // attempt runs, so its retries find nothing to read again.
+                        log.delete_records(2, 5_000).await?;
+                        return Err(broker::BoxError::from("fails while the log drops it"));
+                    }
+                    recorded.await
+                }
+            }),
+        )
+        .await
+        .unwrap();
+
+    let doomed = Message::new("doomed").with_header("doomed", "1");
+    provider.publish(&ctx, &topic, doomed).await.unwrap();
+    let after = publish_numbered(&provider, &topic, 3).await;
+
+    handled.wait_for(after.len()).await;
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        1,
+        "the gone record is not retried"
+    );
+    assert_eq!(
+        handled.ids().into_iter().collect::<HashSet<_>>(),
+        ids(&after)
+    );
     provider.close().await.unwrap();
 }
