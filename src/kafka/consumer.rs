@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use rskafka::client::error::{Error as ClientError, ProtocolError};
 use rskafka::client::partition::{OffsetAt, PartitionClient};
 use rskafka::record::RecordAndOffset;
@@ -16,7 +15,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::group::{GroupError, Member};
 use super::producer::{partition_client, partition_counts};
-use super::record::to_message;
+use super::record::{take_body, to_message};
 use super::{DRIVER, Shared};
 use crate::config::{KafkaConfig, StartOffset};
 use crate::error::BoxError;
@@ -441,12 +440,7 @@ async fn read_partition(
                 let record_offset = record.offset;
                 // The record's value and headers move into the message without a copy: the
                 // first attempt nearly always succeeds, and a retry reads the record again.
-                let body = record
-                    .record
-                    .value
-                    .take()
-                    .map(Bytes::from)
-                    .unwrap_or_default();
+                let body = take_body(&mut record);
                 let message = to_message(&topic, partition, record, body);
                 let done = match dispatcher.attempt(message, 1).await {
                     Ok(()) => true,
@@ -606,12 +600,7 @@ async fn retry_record(
         Reread::Stopped => return false,
     };
 
-    let body = record
-        .record
-        .value
-        .take()
-        .map(Bytes::from)
-        .unwrap_or_default();
+    let body = take_body(&mut record);
     let delivered = || to_message(topic, partition, record.clone(), body.clone());
     match dispatcher.retry_after(&delivered, error, stop).await {
         Outcome::Handled => true,

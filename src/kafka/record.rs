@@ -79,6 +79,16 @@ pub(crate) fn to_message(
     }
 }
 
+/// The record's value, taken out of it without a copy, as a message body.
+pub(crate) fn take_body(fetched: &mut RecordAndOffset) -> Bytes {
+    fetched
+        .record
+        .value
+        .take()
+        .map(Bytes::from)
+        .unwrap_or_default()
+}
+
 /// `<topic>-<partition>-<offset>`, built without the formatting machinery: every record from a
 /// client that sets no `message_id` header takes this path.
 fn fallback_id(topic: &str, partition: i32, offset: i64) -> String {
@@ -161,9 +171,12 @@ mod tests {
             .with_header("kind", "test")
             .with_header(KEY_HEADER, "customer-7");
 
-        let mut record = to_record(&message);
-        let body = record.value.take().map(Bytes::from).unwrap_or_default();
-        let back = to_message("t", 0, RecordAndOffset { record, offset: 5 }, body);
+        let mut fetched = RecordAndOffset {
+            record: to_record(&message),
+            offset: 5,
+        };
+        let body = take_body(&mut fetched);
+        let back = to_message("t", 0, fetched, body);
 
         assert_eq!(back, message);
     }
