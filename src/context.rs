@@ -89,10 +89,8 @@ impl Context {
     /// Cancelling this context cancels the child too.
     pub fn child(&self) -> Self {
         Context {
-            request_id: Arc::clone(&self.request_id),
-            trace_id: Arc::clone(&self.trace_id),
             cancel: OnceLock::from(Arc::new(OnceLock::from(self.token().child_token()))),
-            deadline: self.deadline,
+            ..self.clone()
         }
     }
 
