@@ -185,10 +185,13 @@ impl Context {
         if let Some(stop) = self.stopped() {
             return Err(Error::stopped(stop, origin()));
         }
+        // The operation is polled first: one that finishes without waiting never registers
+        // with the cancellation token, and one that finishes on a later poll skips the
+        // token's lock on that poll.
         tokio::select! {
             biased;
-            stop = self.done() => Err(Error::stopped(stop, origin())),
             result = operation => result,
+            stop = self.done() => Err(Error::stopped(stop, origin())),
         }
     }
 }
