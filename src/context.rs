@@ -1,11 +1,13 @@
 //! The request context every operation takes: request id, trace id, cancellation, deadline.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{self, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use uuid::Uuid;
 
 use crate::error::{Error, Origin, Stop};
@@ -177,22 +179,95 @@ impl Context {
 
     /// Runs `operation` until it finishes or the context stops it.
     ///
-    /// A context that has already stopped does not start the operation at all.
-    pub async fn run<T, F>(&self, origin: impl FnOnce() -> Origin, operation: F) -> Result<T, Error>
+    /// A context that has already stopped does not start the operation at all. The operation
+    /// is polled first, and the waits for a cancellation or the deadline are made only once it
+    /// has to wait: an operation that finishes at once never registers with the cancellation
+    /// token nor the timer.
+    pub fn run<T, O, F>(
+        &self,
+        origin: O,
+        operation: F,
+    ) -> impl Future<Output = Result<T, Error>> + use<'_, T, O, F>
     where
+        O: FnOnce() -> Origin,
         F: Future<Output = Result<T, Error>>,
     {
-        if let Some(stop) = self.stopped() {
-            return Err(Error::stopped(stop, origin()));
+        // A future of its own rather than an `async` block, which would keep the operation
+        // twice (as its argument and as the future it polls); operations such as a publish
+        // are most of a kilobyte.
+        Run {
+            ctx: self,
+            origin: Some(origin),
+            started: false,
+            operation,
+            cancelled: None,
+            deadline: None,
         }
-        // The operation is polled first: one that finishes without waiting never registers
-        // with the cancellation token, and one that finishes on a later poll skips the
-        // token's lock on that poll.
-        tokio::select! {
-            biased;
-            result = operation => result,
-            stop = self.done() => Err(Error::stopped(stop, origin())),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Context::run`].
+    struct Run<'a, O, F> {
+        ctx: &'a Context,
+        origin: Option<O>,
+        started: bool,
+        #[pin]
+        operation: F,
+        #[pin]
+        cancelled: Option<WaitForCancellationFuture<'a>>,
+        // Boxed: a timer is most of the size of a small operation, and only contexts with a
+        // deadline need one.
+        deadline: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl<T, O, F> Future for Run<'_, O, F>
+where
+    O: FnOnce() -> Origin,
+    F: Future<Output = Result<T, Error>>,
+{
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let mut stopped = |stop| {
+            let origin = this
+                .origin
+                .take()
+                .expect("`Context::run` polled after it finished");
+            Poll::Ready(Err(Error::stopped(stop, origin())))
+        };
+
+        if !*this.started {
+            *this.started = true;
+            if let Some(stop) = this.ctx.stopped() {
+                return stopped(stop);
+            }
         }
+
+        if let Poll::Ready(result) = this.operation.poll(cx) {
+            return Poll::Ready(result);
+        }
+
+        if this.cancelled.is_none() {
+            this.cancelled.set(Some(this.ctx.token().cancelled()));
+            if let Some(deadline) = this.ctx.deadline {
+                *this.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+            }
+        }
+        // A cancellation wins over a deadline that passed at the same time, as in `done`.
+        if let Some(cancelled) = this.cancelled.as_pin_mut()
+            && cancelled.poll(cx).is_ready()
+        {
+            return stopped(Stop::Cancelled);
+        }
+        if let Some(deadline) = this.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return stopped(Stop::DeadlineExceeded);
+        }
+        Poll::Pending
     }
 }
 
@@ -270,5 +345,55 @@ mod tests {
 
         parent.cancel();
         assert_eq!(other_child.stopped(), Some(Stop::Cancelled));
+    }
+
+    fn origin() -> Origin {
+        Origin::new("test", "conn", crate::error::Operation::Publish, "topic")
+    }
+
+    #[tokio::test]
+    async fn run_does_not_start_an_operation_once_the_context_stopped() {
+        let ctx = Context::new();
+        ctx.cancel();
+
+        let ran = ctx
+            .run(origin, async { unreachable!("the operation started") })
+            .await;
+
+        assert!(matches!(ran, Err::<(), _>(Error::Cancelled { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_stops_a_waiting_operation_at_the_deadline_or_cancellation() {
+        let late = Context::new().with_timeout(Duration::from_millis(50));
+        let ran = late
+            .run(origin, std::future::pending::<Result<(), _>>())
+            .await;
+        assert!(matches!(ran, Err(Error::DeadlineExceeded { .. })));
+
+        let cancelled = Context::new().with_timeout(Duration::from_secs(60));
+        let waiting = cancelled.run(origin, std::future::pending::<Result<(), _>>());
+        let cancel = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            cancelled.cancel();
+        };
+        let (ran, ()) = tokio::join!(waiting, cancel);
+        assert!(matches!(ran, Err(Error::Cancelled { .. })));
+    }
+
+    #[tokio::test]
+    async fn run_returns_what_the_operation_returns() {
+        let ctx = Context::new().with_timeout(Duration::from_secs(60));
+
+        let at_once = ctx.run(origin, async { Ok(1) }).await;
+        let after_waiting = ctx
+            .run(origin, async {
+                tokio::task::yield_now().await;
+                Ok(2)
+            })
+            .await;
+
+        assert_eq!(at_once.unwrap(), 1);
+        assert_eq!(after_waiting.unwrap(), 2);
     }
 }
