@@ -151,7 +151,8 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
 use async_trait::async_trait;
-use futures_util::FutureExt;
+use futures_util::future::{self, BoxFuture};
+use futures_util::{FutureExt, TryFutureExt};
 use url::Url;
 
 #[cfg(feature = "tls")]
@@ -613,43 +614,57 @@ impl Provider for NatsProvider {
         &self.shared.name
     }
 
-    async fn publish(&self, ctx: &Context, topic: &str, message: Message) -> Result<()> {
-        self.check_open(Operation::Publish, topic)?;
+    // Written out rather than as an `async fn`, so that the message is encoded before the
+    // future is made: the future, which lives until the server has the message, then keeps no
+    // room for it, and a core publish fits one allocation small enough for the allocator's
+    // per-thread cache. Hundreds of publishes in flight otherwise take the allocator's shared
+    // lock for every one.
+    fn publish<'a, 'b, 'c, 'f>(
+        &'a self,
+        ctx: &'b Context,
+        topic: &'c str,
+        message: Message,
+    ) -> BoxFuture<'f, Result<()>>
+    where
+        'a: 'f,
+        'b: 'f,
+        'c: 'f,
+        Self: 'f,
+    {
+        if let Err(error) = self.check_open(Operation::Publish, topic) {
+            return Box::pin(future::ready(Err(error)));
+        }
         // The codec writes the context's request id as the trace id, as
         // `propagation::inject` does, straight into the NATS headers.
         let trace_id = ctx.request_id();
-        let origin = || self.shared.origin(Operation::Publish, topic);
+        let origin = move || self.shared.origin(Operation::Publish, topic);
         let unsupported = |reason| Error::Unsupported {
             origin: origin(),
             reason,
         };
 
         match &self.shared.jetstream {
-            None => {
-                let (headers, body) = codec::encode(message, trace_id).map_err(unsupported)?;
-                // The client's publish and flush futures take most of a kilobyte: boxed on
-                // their own, they and the publish's own future each stay small enough for the
-                // allocator's per-thread cache, where one future holding both does not.
-                let sent = Box::pin(core::publish(&self.shared.client, topic, headers, body));
-                ctx.run(origin, async {
-                    sent.await.map_err(|error| Error::broker(origin(), error))
-                })
-                .await
-            }
+            None => match codec::encode(message, trace_id) {
+                Ok((headers, body)) => {
+                    let sent = core::publish(&self.shared.client, topic, headers, body)
+                        .map_err(move |error| Error::broker(origin(), error));
+                    Box::pin(ctx.run(origin, sent))
+                }
+                Err(reason) => Box::pin(future::ready(Err(unsupported(reason)))),
+            },
             Some(context) => {
-                let headers = codec::encode_headers(&message, trace_id).map_err(unsupported)?;
-                // Boxed: waiting for the ack, with retries, takes most of a kilobyte, which every
-                // core publish would otherwise carry too. The box holds the operation rather than
-                // `ctx.run`'s future, which keeps its operation twice (as its argument and in its
-                // `select!`) and would outgrow the allocator's per-thread cache.
-                let acknowledged = Box::pin(async {
+                let headers = match codec::encode_headers(&message, trace_id) {
+                    Ok(headers) => headers,
+                    Err(reason) => return Box::pin(future::ready(Err(unsupported(reason)))),
+                };
+                let acknowledged = async move {
                     let encode = || codec::encode_headers(&message, trace_id);
                     let body = message.body.clone();
                     jetstream::publish(&self.shared.name, context, topic, headers, body, encode)
                         .await
                         .map_err(|error| Error::broker(origin(), error))
-                });
-                ctx.run(origin, acknowledged).await
+                };
+                Box::pin(ctx.run(origin, acknowledged))
             }
         }
     }
