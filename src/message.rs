@@ -105,8 +105,11 @@ fn truncate_to_millis(time: SystemTime) -> SystemTime {
 #[cfg(any(feature = "rabbitmq", feature = "nats"))]
 #[derive(Debug, Default)]
 pub(crate) struct Fallback {
-    number: std::sync::OnceLock<u64>,
-    time: std::sync::OnceLock<SystemTime>,
+    // Each 0 until first used, then the value plus one. Atomics rather than `OnceLock`s: one
+    // `Fallback` is made for every delivered message, and a `OnceLock`'s first use takes its
+    // slow path.
+    number: std::sync::atomic::AtomicU64,
+    millis: std::sync::atomic::AtomicU64,
 }
 
 #[cfg(any(feature = "rabbitmq", feature = "nats"))]
@@ -121,9 +124,7 @@ impl Fallback {
             let random = uuid::Uuid::now_v7().as_u64_pair().1;
             format!("{random:016x}-")
         });
-        let number = *self
-            .number
-            .get_or_init(|| NEXT.fetch_add(1, Ordering::Relaxed));
+        let number = fixed_on_first_use(&self.number, || NEXT.fetch_add(1, Ordering::Relaxed));
         let mut digits = itoa::Buffer::new();
         let digits = digits.format(number);
         let mut id = String::with_capacity(prefix.len() + digits.len());
@@ -134,7 +135,31 @@ impl Fallback {
 
     /// The time of the first call.
     pub(crate) fn time(&self) -> SystemTime {
-        *self.time.get_or_init(Message::now)
+        let millis = fixed_on_first_use(&self.millis, || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(0))
+        });
+        UNIX_EPOCH + Duration::from_millis(millis)
+    }
+}
+
+/// The value `cell` holds (plus one), or else the one `make` makes, stored for later calls.
+/// When two threads race, both return the value stored first.
+#[cfg(any(feature = "rabbitmq", feature = "nats"))]
+fn fixed_on_first_use(cell: &std::sync::atomic::AtomicU64, make: impl FnOnce() -> u64) -> u64 {
+    use std::sync::atomic::Ordering;
+
+    match cell.load(Ordering::Relaxed) {
+        0 => {
+            let made = make();
+            let stored = made.saturating_add(1);
+            match cell.compare_exchange(0, stored, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => made,
+                Err(stored) => stored - 1,
+            }
+        }
+        stored => stored - 1,
     }
 }
 
