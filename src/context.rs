@@ -363,9 +363,9 @@ mod tests {
         assert!(matches!(ran, Err::<(), _>(Error::Cancelled { .. })));
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn run_stops_a_waiting_operation_at_the_deadline_or_cancellation() {
-        let late = Context::new().with_timeout(Duration::from_millis(50));
+        let late = Context::new().with_timeout(Duration::from_millis(20));
         let ran = late
             .run(origin, std::future::pending::<Result<(), _>>())
             .await;
