@@ -264,12 +264,21 @@ pub(crate) async fn soak(
     let start = Instant::now();
     let mut samples = vec![(0, resident_kib())];
     let mut next_sample = Duration::from_secs(5);
+    let mut published: usize = 0;
     while start.elapsed() < settings.soak {
-        futures_util::stream::iter(0..settings.concurrency)
-            .map(|_| provider.publish(&ctx, topic, message()))
-            .buffer_unordered(settings.concurrency)
-            .try_collect::<()>()
-            .await?;
+        // Publishing pauses while the handler is far behind: the check is about memory that
+        // would grow with the number of messages, not about a backlog that builds up when
+        // publishes outrun the handler (core NATS buffers it in the subscriber).
+        if published.saturating_sub(handled.load(Ordering::Relaxed)) > SOAK_BACKLOG {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        } else {
+            futures_util::stream::iter(0..settings.concurrency)
+                .map(|_| provider.publish(&ctx, topic, message()))
+                .buffer_unordered(settings.concurrency)
+                .try_collect::<()>()
+                .await?;
+            published += settings.concurrency;
+        }
         if start.elapsed() >= next_sample {
             samples.push((next_sample.as_secs(), resident_kib()));
             next_sample += Duration::from_secs(5);
@@ -282,6 +291,9 @@ pub(crate) async fn soak(
         samples,
     })
 }
+
+/// How many published messages a sustained run lets wait for the handler before it pauses.
+const SOAK_BACKLOG: usize = 10_000;
 
 /// The header that carries a message's send time ([`now_ns`]) in the latency workloads.
 pub(crate) const SENT_HEADER: &str = "sent_ns";
