@@ -242,8 +242,8 @@ pub(crate) fn now_ns() -> u64 {
     u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Publishes to `topic` and consumes it in a new group without pause for `settings.soak`,
-/// sampling the resident memory every five seconds.
+/// Publishes to `topic` and consumes it in a new group for `settings.soak`, as fast as the
+/// handler keeps up, sampling the resident memory every five seconds.
 pub(crate) async fn soak(
     provider: &dyn Provider,
     driver: &str,
