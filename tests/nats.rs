@@ -202,6 +202,45 @@ async fn core_independent_subscribers_each_get_every_message() {
 }
 
 #[tokio::test]
+async fn a_core_subscription_holds_a_burst_its_handler_has_not_reached() {
+    within(async {
+        const BURST: usize = 10_000;
+        let provider = Setup::core().connect().await;
+        let topic = unique("burst");
+        let ctx = Context::new();
+
+        // The handler waits until the whole burst is out, so every message of it has to
+        // wait in the subscription's buffer.
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let (handler, mut received) = collector();
+        let _subscription = provider
+            .subscribe_fn(&ctx, &topic, move |ctx: Context, message: Message| {
+                let (mut gate, handler) = (gate.clone(), handler.clone());
+                async move {
+                    let _ = gate.wait_for(|open| *open).await;
+                    broker::Handler::call(&handler, ctx, message).await
+                }
+            })
+            .await
+            .unwrap();
+
+        futures_util::stream::iter(0..BURST)
+            .map(|n| provider.publish(&ctx, &topic, Message::new(n.to_string())))
+            .buffer_unordered(64)
+            .for_each(|published| async move { published.unwrap() })
+            .await;
+        open.send(true).unwrap();
+
+        let got = collect(&mut received, BURST).await;
+        let bodies: HashSet<_> = got.iter().map(|message| message.body.clone()).collect();
+        assert_eq!(bodies.len(), BURST, "every message of the burst once");
+        assert_no_more(&mut received).await;
+        provider.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn jetstream_group_shares_messages_and_independent_subscribers_get_all() {
     within(async {
         let setup = Setup::jetstream();

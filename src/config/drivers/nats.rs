@@ -66,7 +66,9 @@ pub struct NatsConfig {
     #[serde(default)]
     pub credentials_file: Option<PathBuf>,
     /// How many delivered messages a core subscription buffers before the server's messages
-    /// are dropped as a slow consumer.
+    /// are dropped as a slow consumer. The default, 65,536, is async-nats's own: a burst that
+    /// the client alone would hold is not dropped here. Each buffered message keeps its
+    /// payload, so a lower limit bounds memory where messages are large.
     #[serde(default = "default_pending_limit")]
     pub pending_limit: usize,
     /// Retries of a failing handler before the message is dead-lettered. In JetStream mode,
@@ -223,7 +225,7 @@ impl Default for NatsConsumerConfig {
 }
 
 fn default_pending_limit() -> usize {
-    1024
+    65_536
 }
 
 fn durations<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
