@@ -240,6 +240,67 @@ async fn a_core_subscription_holds_a_burst_its_handler_has_not_reached() {
     .await;
 }
 
+/// A core subscription whose buffer is full loses what the server sends next: that loss is
+/// logged as a slow consumer, with the connection's name, never silent.
+#[test]
+fn a_full_core_buffer_is_logged_as_a_slow_consumer() {
+    let logs = nats_support::LogCapture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(within(async {
+            let mut setup = Setup::core().named("small-buffer");
+            setup.set_pending_limit(8);
+            let provider = setup.connect().await;
+            let topic = unique("full");
+            let ctx = Context::new();
+            let (open, gate) = tokio::sync::watch::channel(false);
+            let _subscription = provider
+                .subscribe_fn(&ctx, &topic, move |_: Context, _: Message| {
+                    let mut gate = gate.clone();
+                    async move {
+                        let _ = gate.wait_for(|open| *open).await;
+                        Ok::<(), Error>(())
+                    }
+                })
+                .await
+                .unwrap();
+
+            for n in 0..100 {
+                provider
+                    .publish(&ctx, &topic, Message::new(n.to_string()))
+                    .await
+                    .unwrap();
+            }
+            provider.ping(&ctx).await.unwrap();
+            while !logs.text().contains("slow consumer") {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            open.send(true).unwrap();
+            provider.close().await.unwrap();
+        }));
+    });
+
+    let text = logs.text();
+    let warning = text
+        .lines()
+        .find(|line| line.contains("slow consumer"))
+        .expect("a slow-consumer warning");
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains("small-buffer"),
+        "names the connection: {warning}"
+    );
+}
+
 #[tokio::test]
 async fn jetstream_group_shares_messages_and_independent_subscribers_get_all() {
     within(async {

@@ -150,6 +150,11 @@ impl Setup {
         self.config.consumer.ack_wait = ack_wait;
     }
 
+    /// This setup with core subscriptions that buffer at most `limit` messages.
+    pub fn set_pending_limit(&mut self, limit: usize) {
+        self.config.pending_limit = limit;
+    }
+
     /// This setup with another template for durable consumer names.
     pub fn set_durable_name(&mut self, template: &str) {
         self.config.consumer.durable_name = template.to_owned();
