@@ -244,19 +244,8 @@ async fn a_core_subscription_holds_a_burst_its_handler_has_not_reached() {
 /// logged as a slow consumer, with the connection's name, never silent.
 #[test]
 fn a_full_core_buffer_is_logged_as_a_slow_consumer() {
-    let logs = nats_support::LogCapture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(within(async {
+    let text = nats_support::logged(tracing::Level::WARN, |logs| {
+        within(async move {
             let mut setup = Setup::core().named("small-buffer");
             setup.set_pending_limit(8);
             let provider = setup.connect().await;
@@ -286,10 +275,9 @@ fn a_full_core_buffer_is_logged_as_a_slow_consumer() {
             }
             open.send(true).unwrap();
             provider.close().await.unwrap();
-        }));
+        })
     });
 
-    let text = logs.text();
     let warning = text
         .lines()
         .find(|line| line.contains("slow consumer"))
@@ -1123,55 +1111,41 @@ async fn a_jetstream_subscriber_without_a_group_resumes_after_a_server_restart()
 /// and a token in URLs, publishing, closing and being refused: no secret appears.
 #[test]
 fn secrets_never_reach_the_logs() {
-    let logs = nats_support::LogCapture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let text = nats_support::logged(tracing::Level::TRACE, |_| async {
+        let port = nats_support::free_port();
+        let _server = NatsServer::start_with(port, &["--user", "alice", "--pass", "pa55-w0rd"]);
+        let url = format!("nats://alice:pa55-w0rd@127.0.0.1:{port}");
+        let ctx = Context::new().with_timeout(Duration::from_secs(15));
 
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let port = nats_support::free_port();
-            let _server = NatsServer::start_with(port, &["--user", "alice", "--pass", "pa55-w0rd"]);
-            let url = format!("nats://alice:pa55-w0rd@127.0.0.1:{port}");
-            let ctx = Context::new().with_timeout(Duration::from_secs(15));
+        let mut in_url = Setup::core().at(&url).config();
+        in_url.name = Some("logged".to_owned());
+        let provider = NatsProvider::connect(&ctx, "in-url", in_url).await.unwrap();
+        provider
+            .publish(&ctx, "logged.topic", Message::new("x"))
+            .await
+            .unwrap();
+        tracing::info!(provider = %provider, debug = ?provider, "connected");
+        provider.close().await.unwrap();
 
-            let mut in_url = Setup::core().at(&url).config();
-            in_url.name = Some("logged".to_owned());
-            let provider = NatsProvider::connect(&ctx, "in-url", in_url).await.unwrap();
-            provider
-                .publish(&ctx, "logged.topic", Message::new("x"))
-                .await
-                .unwrap();
-            tracing::info!(provider = %provider, debug = ?provider, "connected");
-            provider.close().await.unwrap();
+        let token_port = nats_support::free_port();
+        let _token_server = NatsServer::start_with(token_port, &["--auth", "t0ken-s3cret"]);
+        let token_url = format!("nats://t0ken-s3cret@127.0.0.1:{token_port}");
+        let provider = Setup::core().at(&token_url).connect().await;
+        provider.ping(&ctx).await.unwrap();
+        tracing::info!(provider = %provider, debug = ?provider, "connected with a token");
+        provider.close().await.unwrap();
 
-            let token_port = nats_support::free_port();
-            let _token_server = NatsServer::start_with(token_port, &["--auth", "t0ken-s3cret"]);
-            let token_url = format!("nats://t0ken-s3cret@127.0.0.1:{token_port}");
-            let provider = Setup::core().at(&token_url).connect().await;
-            provider.ping(&ctx).await.unwrap();
-            tracing::info!(provider = %provider, debug = ?provider, "connected with a token");
-            provider.close().await.unwrap();
-
-            let mut wrong = Setup::core()
-                .at(&format!("nats://127.0.0.1:{port}"))
-                .config();
-            wrong.user = Some("alice".to_owned());
-            wrong.password = Some(Secret::new("wr0ng-pa55"));
-            let error = NatsProvider::connect(&ctx, "wrong", wrong)
-                .await
-                .unwrap_err();
-            tracing::warn!(error = %error, debug = ?error, "refused");
-        });
+        let mut wrong = Setup::core()
+            .at(&format!("nats://127.0.0.1:{port}"))
+            .config();
+        wrong.user = Some("alice".to_owned());
+        wrong.password = Some(Secret::new("wr0ng-pa55"));
+        let error = NatsProvider::connect(&ctx, "wrong", wrong)
+            .await
+            .unwrap_err();
+        tracing::warn!(error = %error, debug = ?error, "refused");
     });
 
-    let text = logs.text();
     assert!(text.contains("refused"), "the capture works: {text}");
     for secret in ["pa55-w0rd", "wr0ng-pa55", "t0ken-s3cret"] {
         assert!(!text.contains(secret), "{secret} was logged:\n{text}");

@@ -197,6 +197,28 @@ pub async fn dead_server_error() -> broker::Error {
         .expect_err("nothing listens there")
 }
 
+/// Runs the test that `test` makes on a runtime of its own, on this thread, with everything
+/// logged at `level` or above kept, and returns what was logged. The test gets the capture to
+/// read the logs while it runs. The client's and the driver's tasks run on this thread too, so
+/// their events are kept.
+pub fn logged<F: Future<Output = ()>>(
+    level: tracing::Level,
+    test: impl FnOnce(LogCapture) -> F,
+) -> String {
+    let logs = LogCapture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    tracing::subscriber::with_default(subscriber, || runtime.block_on(test(logs.clone())));
+    logs.text()
+}
+
 /// A log writer that keeps everything written to it.
 #[derive(Clone, Default)]
 pub struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
